@@ -1,0 +1,92 @@
+"""Which implementation runs an op, and a record of what ran.
+
+Every public op takes ``backend=None``; the env var ``ZR_KERNELS_BACKEND`` supplies the default.
+``"auto"`` picks the fused kernels for CUDA tensors and the PyTorch reference for CPU tensors.
+``"triton"`` on CPU tensors runs the Triton kernels in the interpreter, which needs
+``TRITON_INTERPRET=1`` in the environment before ``triton`` is imported.
+
+``trace_backends()`` lets a test (or a curious user) see which implementation really executed:
+launchers call ``note()`` at the point where the kernel is launched, so the record survives
+``torch.compile`` (the custom op body runs at run time, not at trace time).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+BACKEND_ENV_VAR = "ZR_KERNELS_BACKEND"
+BACKENDS = ("auto", "triton", "cuda", "reference")
+
+_traces: list[list[tuple[str, str]]] = []
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(op: str, requested: str | None, device: torch.device, fused=("triton",)) -> str:
+    """Turn the user's ``backend`` argument into the implementation that will run.
+
+    ``fused`` lists the fused implementations this op has, preferred first (``linear_score`` has
+    ``("cuda", "triton")``). Raises ``ValueError`` naming ``backend`` when the choice cannot run.
+    """
+    choice = requested if requested is not None else os.environ.get(BACKEND_ENV_VAR, "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (or unset), got {choice!r}")
+    if choice == "auto":
+        if device.type != "cuda":
+            return "reference"
+        for name in fused:
+            if name != "cuda" or _cuda_extension_available():
+                return name
+        return "reference"
+    if choice == "reference":
+        return choice
+    if choice not in fused:
+        raise ValueError(f"backend={choice!r} is not available for {op}; it has {fused + ('reference',)}")
+    if choice == "triton" and device.type != "cuda" and not interpreter_enabled():
+        raise ValueError(
+            f"backend='triton' for {op} on {device.type} tensors needs TRITON_INTERPRET=1 "
+            "set before triton is imported (or use backend='reference')"
+        )
+    if choice == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' for {op} needs CUDA tensors, got {device.type} tensors")
+        if not _cuda_extension_available():
+            raise ValueError(f"backend='cuda' for {op}: the zr_kernels CUDA extension is not built")
+    return choice
+
+
+def _cuda_extension_available() -> bool:
+    try:
+        from zr_kernels import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def note(op: str, backend: str) -> None:
+    """Record that ``op`` ran on ``backend`` in every open ``trace_backends()`` block."""
+    if torch.compiler.is_compiling():  # tracing is not running; the custom op body notes at run time
+        return
+    for trace in _traces:
+        trace.append((op, backend))
+
+
+@contextlib.contextmanager
+def trace_backends():
+    """Collect ``(op, backend)`` pairs for every kernel or reference call inside the block.
+
+    >>> with trace_backends() as ran:
+    ...     score_distribution(logits, ids, values, backend="triton")
+    >>> ran
+    [('score_distribution', 'triton')]
+    """
+    trace: list[tuple[str, str]] = []
+    _traces.append(trace)
+    try:
+        yield trace
+    finally:
+        _traces.remove(trace)

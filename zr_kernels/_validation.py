@@ -1,0 +1,100 @@
+"""Argument checks shared by every op. Each raises before any kernel launches and names the argument.
+
+Value checks that would read device memory (id range, uniqueness, target range) run only for CPU
+tensors, so CUDA calls stay free of host syncs: pass ``token_ids`` as a list or CPU tensor to have
+them checked (the kernels mask every load, so a bad CUDA id yields NaN, never an out-of-bounds read).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MAX_BINS = 1024
+
+
+def check_float_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], what: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({what}), got {tuple(t.shape)}")
+
+
+def check_same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != reference.device:
+            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
+
+
+def check_positive_float(name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(x).__name__}")
+    if not (x > 0 and x < float("inf")):
+        raise ValueError(f"{name} must be a positive finite number, got {x}")
+    return float(x)
+
+
+def check_float_in(name: str, x, low: float, high: float) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(x).__name__}")
+    if not (low <= x <= high):
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {x}")
+    return float(x)
+
+
+def check_choice(name: str, x, choices: Sequence[str]) -> str:
+    if x not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {x!r}")
+    return x
+
+
+def as_token_ids(token_ids, vocab_size: int, device: torch.device, name: str = "token_ids") -> torch.Tensor:
+    """Validate score-token ids and return them as an int64 tensor on ``device``.
+
+    Accepts a sequence of ints or a 1-D integer tensor. Range and uniqueness are checked on the host
+    when the ids are not already on a CUDA device (the usual case: they are constants of a vocabulary).
+    """
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an int64 (or int32) tensor, got {token_ids.dtype}")
+        ids = token_ids
+    elif isinstance(token_ids, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in token_ids):
+        ids = torch.tensor(list(token_ids), dtype=torch.int64)
+    else:
+        raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints")
+    if ids.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [K], got shape {tuple(ids.shape)}")
+    k = ids.numel()
+    if not 1 <= k <= MAX_BINS:
+        raise ValueError(f"{name} must hold between 1 and {MAX_BINS} ids, got {k}")
+    if ids.device.type != "cuda" and not torch.compiler.is_compiling():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} must lie in [0, {vocab_size}) (the vocabulary size), got range [{low}, {high}]")
+        if torch.unique(ids).numel() != k:
+            raise ValueError(f"{name} must be unique, got duplicates in {ids.tolist()}")
+    return ids.to(device=device, dtype=torch.int64, non_blocking=True)
+
+
+def check_target(target, lead_shape: Sequence[int], num_bins: int, device: torch.device) -> None:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be an integer tensor of bin indices, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must be an int64 (or int32) tensor of bin indices, got {target.dtype}")
+    check_shape("target", target, lead_shape, "one bin index per row of logits")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but logits is on {device}")
+    if target.device.type != "cuda" and target.numel() and not torch.compiler.is_compiling():
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= num_bins:
+            raise ValueError(f"target must hold bin indices in [0, {num_bins}), got range [{low}, {high}]")

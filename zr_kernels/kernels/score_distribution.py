@@ -1,0 +1,127 @@
+"""Triton kernels for the score-bin softmax: gather K logits per row, softmax, mean, std, NLL.
+
+Forward reads ``M·K`` logits (never the other ``V − K`` columns) and writes ``M·K + 3M`` fp32 values.
+Backward reads the saved ``M·K`` probabilities plus the upstream gradients and writes only the K
+score columns of each row into a zero-filled ``[M, V]`` gradient.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _blocks(num_bins: int) -> tuple[int, int]:
+    block_bins = triton.next_power_of_2(num_bins)
+    return max(1, min(64, 4096 // block_bins)), block_bins
+
+
+@triton.jit
+def _score_distribution_fwd_kernel(
+    logits_ptr, ids_ptr, values_ptr, target_ptr,
+    probs_ptr, mean_ptr, std_ptr, nll_ptr,
+    n_rows, n_bins, stride_row, stride_col, stride_target, temperature,
+    HAS_TARGET: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    bins = tl.arange(0, BLOCK_BINS)
+    row_ok = rows < n_rows
+    bin_ok = bins < n_bins
+    ok = row_ok[:, None] & bin_ok[None, :]
+    ids = tl.load(ids_ptr + bins, mask=bin_ok, other=0).to(tl.int64)
+    values = tl.load(values_ptr + bins, mask=bin_ok, other=0.0).to(tl.float32)
+    rows64 = rows.to(tl.int64)
+
+    z = tl.load(logits_ptr + rows64[:, None] * stride_row + ids[None, :] * stride_col, mask=ok, other=float("-inf"))
+    z = z.to(tl.float32) / temperature
+    z_max = tl.max(z, axis=1)
+    e = tl.where(ok, tl.exp(z - z_max[:, None]), 0.0)
+    total = tl.sum(e, axis=1)
+    p = e / total[:, None]
+    mean = tl.sum(p * values[None, :], axis=1)
+    centered = tl.where(ok, values[None, :] - mean[:, None], 0.0)
+    # Two-pass variance: a one-hot or constant distribution gives exactly 0, never a tiny negative.
+    std = tl.sqrt(tl.sum(p * centered * centered, axis=1))
+
+    tl.store(probs_ptr + rows64[:, None] * n_bins + bins[None, :], p, mask=ok)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(std_ptr + rows, std, mask=row_ok)
+    if HAS_TARGET:
+        t = tl.load(target_ptr + rows64 * stride_target, mask=row_ok, other=0)
+        z_t = tl.sum(tl.where(bins[None, :] == t[:, None], z, 0.0), axis=1)
+        nll = z_max + tl.log(total) - z_t
+        # An out-of-range target (only possible for unchecked CUDA tensors) reads nothing and gives NaN.
+        nll = tl.where((t >= 0) & (t < n_bins), nll, float("nan"))
+        tl.store(nll_ptr + rows, nll, mask=row_ok)
+
+
+@triton.jit
+def _score_distribution_bwd_kernel(
+    grad_probs_ptr, grad_mean_ptr, grad_std_ptr, grad_nll_ptr,
+    probs_ptr, mean_ptr, std_ptr, target_ptr, ids_ptr, values_ptr, grad_logits_ptr,
+    n_rows, n_bins, vocab_size, stride_target, temperature,
+    HAS_TARGET: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    bins = tl.arange(0, BLOCK_BINS)
+    row_ok = rows < n_rows
+    bin_ok = bins < n_bins
+    ok = row_ok[:, None] & bin_ok[None, :]
+    ids = tl.load(ids_ptr + bins, mask=bin_ok, other=0).to(tl.int64)
+    values = tl.load(values_ptr + bins, mask=bin_ok, other=0.0).to(tl.float32)
+    rows64 = rows.to(tl.int64)
+    slice_offsets = rows64[:, None] * n_bins + bins[None, :]
+
+    p = tl.load(probs_ptr + slice_offsets, mask=ok, other=0.0)
+    mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+    std = tl.load(std_ptr + rows, mask=row_ok, other=1.0)
+    g_mean = tl.load(grad_mean_ptr + rows, mask=row_ok, other=0.0)
+    g_std = tl.load(grad_std_ptr + rows, mask=row_ok, other=0.0)
+    centered = values[None, :] - mean[:, None]
+    # d std / d p_k = (v_k - mean)^2 / (2 std); taken as 0 where std == 0 (same as the reference).
+    std_scale = tl.where(std > 0, g_std / (2.0 * std), 0.0)
+    g_p = tl.load(grad_probs_ptr + slice_offsets, mask=ok, other=0.0)
+    g_p += g_mean[:, None] * values[None, :] + std_scale[:, None] * centered * centered
+    g_z = p * (g_p - tl.sum(p * g_p, axis=1)[:, None])
+    if HAS_TARGET:
+        t = tl.load(target_ptr + rows64 * stride_target, mask=row_ok, other=0)
+        g_nll = tl.load(grad_nll_ptr + rows, mask=row_ok, other=0.0)
+        g_z += g_nll[:, None] * (p - tl.where(bins[None, :] == t[:, None], 1.0, 0.0))
+    g_logits = g_z / temperature
+    tl.store(grad_logits_ptr + rows64[:, None] * vocab_size + ids[None, :],
+             g_logits.to(grad_logits_ptr.dtype.element_ty), mask=ok)
+
+
+def score_distribution_fwd(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
+                           target: torch.Tensor | None, temperature: float):
+    """Launch the forward on ``logits [M, V]`` (any strides); returns ``probs, mean, std, nll`` in fp32."""
+    n_rows, n_bins = logits.shape[0], ids.numel()
+    out = dict(device=logits.device, dtype=torch.float32)
+    probs = torch.empty(n_rows, n_bins, **out)
+    mean, std, nll = (torch.empty(n_rows, **out) for _ in range(3))
+    if n_rows:
+        block_rows, block_bins = _blocks(n_bins)
+        _score_distribution_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+            logits, ids, values, target if target is not None else ids,
+            probs, mean, std, nll,
+            n_rows, n_bins, logits.stride(0), logits.stride(1),
+            target.stride(0) if target is not None else 0, temperature,
+            HAS_TARGET=target is not None, BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
+        )
+    return probs, mean, std, nll
+
+
+def score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
+                           temperature: float, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Launch the backward; every upstream gradient is contiguous fp32. Returns ``[M, V]`` in ``dtype``."""
+    n_rows, n_bins = probs.shape
+    grad_logits = torch.zeros(n_rows, vocab_size, device=probs.device, dtype=dtype)
+    if n_rows:
+        block_rows, block_bins = _blocks(n_bins)
+        _score_distribution_bwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+            grad_probs, grad_mean, grad_std, grad_nll,
+            probs, mean, std, target if target is not None else ids, ids, values, grad_logits,
+            n_rows, n_bins, vocab_size, target.stride(0) if target is not None else 0, temperature,
+            HAS_TARGET=target is not None, BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
+        )
+    return grad_logits

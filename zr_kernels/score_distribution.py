@@ -1,0 +1,132 @@
+"""``score_distribution``: the Q-Align-style close-set softmax over K score tokens (paper Eq. 2, 8, 16)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from zr_kernels import reference
+from zr_kernels._backend import note, resolve_backend
+from zr_kernels._types import ScoreDist
+from zr_kernels._validation import as_token_ids, check_float_tensor, check_positive_float, check_target
+from zr_kernels.kernels.score_distribution import score_distribution_bwd, score_distribution_fwd
+
+
+@torch.library.custom_op("zr_kernels::score_distribution", mutates_args=())
+def _score_distribution_op(
+    logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, target: Optional[torch.Tensor], temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    note("score_distribution", "triton")
+    return score_distribution_fwd(logits, ids, values, target, temperature)
+
+
+@_score_distribution_op.register_fake
+def _(logits, ids, values, target, temperature):
+    n_rows, n_bins = logits.shape[0], ids.shape[0]
+    row = logits.new_empty(n_rows, dtype=torch.float32)
+    return logits.new_empty(n_rows, n_bins, dtype=torch.float32), row, row.clone(), row.clone()
+
+
+@torch.library.custom_op("zr_kernels::score_distribution_backward", mutates_args=())
+def _score_distribution_backward_op(
+    grad_probs: torch.Tensor, grad_mean: torch.Tensor, grad_std: torch.Tensor, grad_nll: torch.Tensor,
+    probs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, target: Optional[torch.Tensor],
+    ids: torch.Tensor, values: torch.Tensor, temperature: float, vocab_size: int, dtype: torch.dtype,
+) -> torch.Tensor:
+    note("score_distribution.backward", "triton")
+    return score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
+                                  temperature, vocab_size, dtype)
+
+
+@_score_distribution_backward_op.register_fake
+def _(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values, temperature, vocab_size,
+      dtype):
+    return probs.new_empty(probs.shape[0], vocab_size, dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, ids, values, target, temperature = inputs
+    probs, mean, std, _ = output
+    ctx.save_for_backward(probs, mean, std, target, ids, values)
+    ctx.temperature, ctx.vocab_size, ctx.dtype = temperature, logits.shape[1], logits.dtype
+
+
+def _backward(ctx, grad_probs, grad_mean, grad_std, grad_nll):
+    probs, mean, std, target, ids, values = ctx.saved_tensors
+    grad_logits = _score_distribution_backward_op(
+        grad_probs.float().contiguous(), grad_mean.float().contiguous(), grad_std.float().contiguous(),
+        grad_nll.float().contiguous(), probs, mean, std, target, ids, values,
+        ctx.temperature, ctx.vocab_size, ctx.dtype,
+    )
+    return grad_logits, None, None, None, None
+
+
+_score_distribution_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _as_rows(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``[M, V]`` view of ``logits`` (any strides), or, when the leading dims cannot be merged without a
+    copy, the gathered ``[M, K]`` slice (a small copy) with ids ``0..K-1``."""
+    vocab_size = logits.shape[-1]
+    if logits.dim() == 2:
+        return logits, ids
+    try:
+        return logits.view(-1, vocab_size), ids
+    except RuntimeError:
+        return logits[..., ids].reshape(-1, ids.numel()), torch.arange(ids.numel(), device=ids.device)
+
+
+def score_distribution(logits, token_ids, values, target=None, temperature=1.0, *, backend=None) -> ScoreDist:
+    """Score-bin distribution from next-token logits, fused.
+
+    Replaces::
+
+        z = logits[..., token_ids].float() / temperature
+        probs = z.softmax(-1); mean = probs @ values
+        std = ((probs * (values - mean[..., None]) ** 2).sum(-1)).sqrt()
+        nll = -z.log_softmax(-1).gather(-1, target[..., None])[..., 0]
+
+    Args:
+        logits: ``[..., V]`` fp32/bf16/fp16, any strides (e.g. ``logits[:, -1, :]``).
+        token_ids: ``[K]`` unique ids of the score tokens (list or int64 tensor).
+        values: ``[K]`` score of each bin (e.g. 1.0, 1.5, …, 5.0).
+        target: optional ``[...]`` bin index per row; gives ``nll`` (the per-row term of Eq. 8).
+        temperature: divides the K logits before the softmax.
+        backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (default: env ``ZR_KERNELS_BACKEND`` or auto).
+
+    Returns ``ScoreDist(probs [..., K], mean [...], std [...], nll [...] | None)``, fp32, differentiable
+    w.r.t. ``logits``. Bytes: reads ``M·K`` logits, writes ``4·(M·K + 3M)``; backward writes the K score
+    columns of a zero-filled ``[M, V]`` gradient.
+    """
+    check_float_tensor("logits", logits, min_ndim=1)
+    ids = as_token_ids(token_ids, logits.shape[-1], logits.device)
+    values = _as_values(values, ids.numel(), logits.device)
+    temperature = check_positive_float("temperature", temperature)
+    lead_shape = logits.shape[:-1]
+    if target is not None:
+        check_target(target, lead_shape, ids.numel(), logits.device)
+
+    if resolve_backend("score_distribution", backend, logits.device) == "reference":
+        note("score_distribution", "reference")
+        return reference.score_distribution(logits, ids, values, target, temperature)
+    rows, row_ids = _as_rows(logits, ids)
+    target_rows = target.reshape(-1) if target is not None else None
+    probs, mean, std, nll = _score_distribution_op(rows, row_ids, values, target_rows, temperature)
+    return ScoreDist(
+        probs.view(*lead_shape, ids.numel()), mean.view(lead_shape), std.view(lead_shape),
+        nll.view(lead_shape) if target is not None else None,
+    )
+
+
+def _as_values(values, num_bins: int, device: torch.device) -> torch.Tensor:
+    """Bin scores as a contiguous fp32 ``[K]`` tensor on ``device`` (treated as constants)."""
+    if not isinstance(values, torch.Tensor):
+        try:
+            values = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        except TypeError:
+            raise TypeError("values must be a 1-D float tensor or a sequence of numbers") from None
+    elif not values.is_floating_point():
+        raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
+    if values.shape != (num_bins,):
+        raise ValueError(f"values must have shape ({num_bins},) (one score per token id), got {tuple(values.shape)}")
+    return values.detach().to(device=device, dtype=torch.float32).contiguous()
