@@ -1,0 +1,1 @@
+"""Z-Reward training layer: score vocabulary, VLM scorer, GDSO, RISD, ReFL, metrics, CLI."""

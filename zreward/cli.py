@@ -1,0 +1,35 @@
+"""``zreward`` command line: one subcommand per module, each module exposing ``add_parser(subparsers)``.
+
+A subcommand module registers its parser with ``set_defaults(run=callable)``; ``main`` calls it with the
+parsed arguments. Modules are imported lazily by name so ``zreward --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMAND_MODULES = ("zreward.evaluate", "zreward.demo", "zreward.refl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zreward", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise
+            continue  # subcommand not part of this build yet
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
