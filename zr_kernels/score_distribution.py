@@ -9,7 +9,7 @@ from zr_kernels import reference
 from zr_kernels._backend import note, resolve_backend
 from zr_kernels._types import ScoreDist
 from zr_kernels._validation import as_token_ids, check_float_tensor, check_positive_float, check_target
-from zr_kernels.kernels.score_distribution import score_distribution_bwd, score_distribution_fwd
+from zr_kernels.kernels.score_distribution import score_distribution_bwd, score_distribution_fwd, stats_dtype
 
 
 @torch.library.custom_op("zr_kernels::score_distribution", mutates_args=())
@@ -22,9 +22,9 @@ def _score_distribution_op(
 
 @_score_distribution_op.register_fake
 def _(logits, ids, values, target, temperature):
-    n_rows, n_bins = logits.shape[0], ids.shape[0]
-    row = logits.new_empty(n_rows, dtype=torch.float32)
-    return logits.new_empty(n_rows, n_bins, dtype=torch.float32), row, row.clone(), row.clone()
+    n_rows, n_bins, dtype = logits.shape[0], ids.shape[0], stats_dtype(logits.dtype)
+    row = logits.new_empty(n_rows, dtype=dtype)
+    return logits.new_empty(n_rows, n_bins, dtype=dtype), row, row.clone(), row.clone()
 
 
 @torch.library.custom_op("zr_kernels::score_distribution_backward", mutates_args=())
@@ -53,9 +53,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_probs, grad_mean, grad_std, grad_nll):
     probs, mean, std, target, ids, values = ctx.saved_tensors
+    grad_probs, grad_mean, grad_std, grad_nll = (
+        g.to(probs.dtype).contiguous() for g in (grad_probs, grad_mean, grad_std, grad_nll))
     grad_logits = _score_distribution_backward_op(
-        grad_probs.float().contiguous(), grad_mean.float().contiguous(), grad_std.float().contiguous(),
-        grad_nll.float().contiguous(), probs, mean, std, target, ids, values,
+        grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
         ctx.temperature, ctx.vocab_size, ctx.dtype,
     )
     return grad_logits, None, None, None, None
@@ -94,13 +95,14 @@ def score_distribution(logits, token_ids, values, target=None, temperature=1.0, 
         temperature: divides the K logits before the softmax.
         backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (default: env ``ZR_KERNELS_BACKEND`` or auto).
 
-    Returns ``ScoreDist(probs [..., K], mean [...], std [...], nll [...] | None)``, fp32, differentiable
+    Returns ``ScoreDist(probs [..., K], mean [...], std [...], nll [...] | None)``, fp32 (fp64 for fp64
+    logits), differentiable
     w.r.t. ``logits``. Bytes: reads ``M·K`` logits, writes ``4·(M·K + 3M)``; backward writes the K score
     columns of a zero-filled ``[M, V]`` gradient.
     """
     check_float_tensor("logits", logits, min_ndim=1)
     ids = as_token_ids(token_ids, logits.shape[-1], logits.device)
-    values = _as_values(values, ids.numel(), logits.device)
+    values = _as_values(values, ids.numel(), logits.device, stats_dtype(logits.dtype))
     temperature = check_positive_float("temperature", temperature)
     lead_shape = logits.shape[:-1]
     if target is not None:
@@ -118,15 +120,15 @@ def score_distribution(logits, token_ids, values, target=None, temperature=1.0, 
     )
 
 
-def _as_values(values, num_bins: int, device: torch.device) -> torch.Tensor:
-    """Bin scores as a contiguous fp32 ``[K]`` tensor on ``device`` (treated as constants)."""
+def _as_values(values, num_bins: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Bin scores as a contiguous ``[K]`` tensor in the statistics dtype on ``device`` (treated as constants)."""
     if not isinstance(values, torch.Tensor):
         try:
-            values = torch.tensor([float(v) for v in values], dtype=torch.float32)
-        except TypeError:
+            values = torch.tensor([float(v) for v in values], dtype=dtype)
+        except (TypeError, ValueError):
             raise TypeError("values must be a 1-D float tensor or a sequence of numbers") from None
     elif not values.is_floating_point():
         raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
     if values.shape != (num_bins,):
         raise ValueError(f"values must have shape ({num_bins},) (one score per token id), got {tuple(values.shape)}")
-    return values.detach().to(device=device, dtype=torch.float32).contiguous()
+    return values.detach().to(device=device, dtype=dtype).contiguous()

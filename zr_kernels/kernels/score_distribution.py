@@ -1,6 +1,8 @@
 """Triton kernels for the score-bin softmax: gather K logits per row, softmax, mean, std, NLL.
 
 Forward reads ``M·K`` logits (never the other ``V − K`` columns) and writes ``M·K + 3M`` fp32 values.
+Statistics are computed and stored in fp32 (fp64 for fp64 logits, so ``gradcheck`` is meaningful): the
+kernels take the compute type from the ``probs`` buffer's element type.
 Backward reads the saved ``M·K`` probabilities plus the upstream gradients and writes only the K
 score columns of each row into a zero-filled ``[M, V]`` gradient.
 """
@@ -9,6 +11,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+def stats_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """fp32 statistics for fp32/bf16/fp16 inputs; fp64 inputs keep fp64 (for gradcheck)."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
 
 
 def _blocks(num_bins: int) -> tuple[int, int]:
@@ -23,17 +30,18 @@ def _score_distribution_fwd_kernel(
     n_rows, n_bins, stride_row, stride_col, stride_target, temperature,
     HAS_TARGET: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
 ):
+    acc_type = probs_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     bins = tl.arange(0, BLOCK_BINS)
     row_ok = rows < n_rows
     bin_ok = bins < n_bins
     ok = row_ok[:, None] & bin_ok[None, :]
     ids = tl.load(ids_ptr + bins, mask=bin_ok, other=0).to(tl.int64)
-    values = tl.load(values_ptr + bins, mask=bin_ok, other=0.0).to(tl.float32)
+    values = tl.load(values_ptr + bins, mask=bin_ok, other=0.0).to(acc_type)
     rows64 = rows.to(tl.int64)
 
     z = tl.load(logits_ptr + rows64[:, None] * stride_row + ids[None, :] * stride_col, mask=ok, other=float("-inf"))
-    z = z.to(tl.float32) / temperature
+    z = z.to(acc_type) / temperature
     z_max = tl.max(z, axis=1)
     e = tl.where(ok, tl.exp(z - z_max[:, None]), 0.0)
     total = tl.sum(e, axis=1)
@@ -62,13 +70,14 @@ def _score_distribution_bwd_kernel(
     n_rows, n_bins, vocab_size, stride_target, temperature,
     HAS_TARGET: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
 ):
+    acc_type = probs_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     bins = tl.arange(0, BLOCK_BINS)
     row_ok = rows < n_rows
     bin_ok = bins < n_bins
     ok = row_ok[:, None] & bin_ok[None, :]
     ids = tl.load(ids_ptr + bins, mask=bin_ok, other=0).to(tl.int64)
-    values = tl.load(values_ptr + bins, mask=bin_ok, other=0.0).to(tl.float32)
+    values = tl.load(values_ptr + bins, mask=bin_ok, other=0.0).to(acc_type)
     rows64 = rows.to(tl.int64)
     slice_offsets = rows64[:, None] * n_bins + bins[None, :]
 
@@ -86,7 +95,7 @@ def _score_distribution_bwd_kernel(
     if HAS_TARGET:
         t = tl.load(target_ptr + rows64 * stride_target, mask=row_ok, other=0)
         g_nll = tl.load(grad_nll_ptr + rows, mask=row_ok, other=0.0)
-        g_z += g_nll[:, None] * (p - tl.where(bins[None, :] == t[:, None], 1.0, 0.0))
+        g_z += g_nll[:, None] * (p - tl.where(bins[None, :] == t[:, None], 1.0, 0.0).to(acc_type))
     g_logits = g_z / temperature
     tl.store(grad_logits_ptr + rows64[:, None] * vocab_size + ids[None, :],
              g_logits.to(grad_logits_ptr.dtype.element_ty), mask=ok)
@@ -96,7 +105,7 @@ def score_distribution_fwd(logits: torch.Tensor, ids: torch.Tensor, values: torc
                            target: torch.Tensor | None, temperature: float):
     """Launch the forward on ``logits [M, V]`` (any strides); returns ``probs, mean, std, nll`` in fp32."""
     n_rows, n_bins = logits.shape[0], ids.numel()
-    out = dict(device=logits.device, dtype=torch.float32)
+    out = dict(device=logits.device, dtype=stats_dtype(logits.dtype))
     probs = torch.empty(n_rows, n_bins, **out)
     mean, std, nll = (torch.empty(n_rows, **out) for _ in range(3))
     if n_rows:
@@ -113,7 +122,7 @@ def score_distribution_fwd(logits: torch.Tensor, ids: torch.Tensor, values: torc
 
 def score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
                            temperature: float, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Launch the backward; every upstream gradient is contiguous fp32. Returns ``[M, V]`` in ``dtype``."""
+    """Launch the backward; every upstream gradient is contiguous, in the statistics dtype. Returns ``[M, V]`` in ``dtype``."""
     n_rows, n_bins = probs.shape
     grad_logits = torch.zeros(n_rows, vocab_size, device=probs.device, dtype=dtype)
     if n_rows:

@@ -13,10 +13,11 @@ def safe_sqrt(var: torch.Tensor) -> torch.Tensor:
 
 
 def score_distribution(logits, token_ids, values, target=None, temperature=1.0) -> ScoreDist:
-    """``softmax(logits[..., token_ids] / T)`` with its mean, std and ``-log p[target]``, all in fp32."""
-    values = torch.as_tensor(values, dtype=torch.float32, device=logits.device).detach()
+    """``softmax(logits[..., token_ids] / T)`` with its mean, std and ``-log p[target]``, in fp32 (fp64 for fp64)."""
+    stats = torch.promote_types(logits.dtype, torch.float32)
+    values = torch.as_tensor(values, dtype=stats, device=logits.device).detach()
     ids = torch.as_tensor(token_ids, dtype=torch.int64, device=logits.device)
-    z = logits[..., ids].float() / temperature
+    z = logits[..., ids].to(stats) / temperature
     log_probs = torch.log_softmax(z, dim=-1)
     probs = log_probs.exp()
     mean = probs @ values
