@@ -89,14 +89,18 @@ def test_trl_grpo_convention():
         torch.testing.assert_close(_kernel(rewards, group_size, scale, True, 1e-4), expected[scale])
 
 
+# Quarter steps keep every sum and shift exact, so the properties hold up to the rounding of one division
+# (arbitrary floats allow groups whose spread is one ulp, where any rounding changes the answer).
+_quarters = st.integers(-400, 400).map(lambda i: i / 4)
+
+
 def _groups(group_size):
-    return st.lists(st.lists(st.floats(-100, 100, width=32), min_size=group_size, max_size=group_size),
-                    min_size=1, max_size=3)
+    return st.lists(st.lists(_quarters, min_size=group_size, max_size=group_size), min_size=1, max_size=3)
 
 
 @settings(max_examples=25, deadline=None)
 @given(groups=st.integers(1, 8).flatmap(_groups), rng=st.randoms(use_true_random=False),
-       constant=st.floats(-50, 50, width=32), scale=st.sampled_from(SCALES))
+       constant=_quarters, scale=st.sampled_from(SCALES))
 def test_properties(groups, rng, constant, scale):
     group_size = len(groups[0])
     rewards = torch.tensor([x for g in groups for x in g], device=DEVICE)
@@ -114,7 +118,7 @@ def test_properties(groups, rng, constant, scale):
         rng.shuffle(order)
         perm[g * group_size:(g + 1) * group_size] = torch.tensor(order) + g * group_size
     torch.testing.assert_close(_kernel(rewards[perm.to(DEVICE)], group_size, scale), adv[perm.to(DEVICE)],
-                               atol=1e-4, rtol=1e-4)
+                               atol=1e-3, rtol=1e-3)
 
     # Shifting one group (or, for the batch std, every reward) changes nothing.
     shifted = rewards.clone()
@@ -122,8 +126,7 @@ def test_properties(groups, rng, constant, scale):
         shifted += constant
     else:
         shifted[:group_size] += constant
-    spread = float(rewards.abs().max()) + abs(constant)
-    torch.testing.assert_close(_kernel(shifted, group_size, scale), adv, atol=1e-4 * spread, rtol=1e-3)
+    torch.testing.assert_close(_kernel(shifted, group_size, scale), adv, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
