@@ -1,0 +1,125 @@
+"""Two CPU ranks on gloo: parameters stay identical after steps, data is sharded, checkpoints resume."""
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from zreward.checkpoint import load_checkpoint, save_checkpoint
+from zreward.distributed import (DistContext, all_gather_tensors, all_reduce_mean, free_port, init_distributed,
+                                 shard_indices, shutdown_distributed, unwrap_model, wrap_model)
+
+WORLD = 2
+DATA = torch.randn(18, 5, generator=torch.Generator().manual_seed(7))
+
+
+class Blocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(5, 5) for _ in range(2))
+        self.out = torch.nn.Linear(5, 1)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.out(x).squeeze(-1)
+
+
+def _worker(rank, port, out_dir, strategy):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    ctx = init_distributed(device="cpu")
+    try:
+        torch.manual_seed(0)  # same init on every rank; DDP also broadcasts rank 0's
+        model = wrap_model(Blocks(), ctx, strategy=strategy)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+        seen = []
+        torch.manual_seed(100 + rank)  # per-rank streams differ, as under torchrun
+        for epoch in range(2):
+            indices = shard_indices(len(DATA), ctx, seed=1, epoch=epoch)
+            seen.append(indices)
+            for start in range(0, len(indices), 3):
+                batch = DATA[indices[start:start + 3]]
+                loss = (model(batch) - batch.sum(-1)).pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        mean_loss = all_reduce_mean(loss)
+        gathered = all_gather_tensors(torch.tensor([float(rank)]))
+        save_checkpoint(os.path.join(out_dir, "ckpt"), model, optimizer, {"epoch": 2})
+        full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                for k, v in unwrap_model(model).state_dict().items()}
+        save_file({k: v.detach().contiguous() for k, v in full.items()}, os.path.join(out_dir, f"params{rank}.st"))
+        after_draw = torch.rand(1).item()
+
+        fresh = wrap_model(Blocks(), ctx, strategy=strategy)
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.05)
+        state = load_checkpoint(os.path.join(out_dir, "ckpt"), fresh, fresh_opt)
+        resumed_draw = torch.rand(1).item()  # this rank's own stream is restored
+        reloaded = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                    for k, v in unwrap_model(fresh).state_dict().items()}
+        report = {"seen": seen, "mean_loss": mean_loss.item(), "gathered": gathered.tolist(), "state": state,
+                  "draws": [after_draw, resumed_draw],
+                  "reload_equal": all(torch.equal(reloaded[k], full[k]) for k in full)}
+        with open(os.path.join(out_dir, f"report{rank}.json"), "w") as f:
+            json.dump(report, f)
+    finally:
+        shutdown_distributed()
+
+
+def _fsdp2_runs_on_cpu() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("strategy", [
+    "ddp",
+    pytest.param("fsdp2", marks=pytest.mark.skipif(not _fsdp2_runs_on_cpu(), reason="no FSDP2 in this torch")),
+])
+def test_two_ranks_stay_in_sync(tmp_path, strategy):
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), strategy), nprocs=WORLD, join=True)
+    params = [load_file(tmp_path / f"params{r}.st") for r in range(WORLD)]
+    reports = [json.loads((tmp_path / f"report{r}.json").read_text()) for r in range(WORLD)]
+    assert params[0].keys() == params[1].keys()
+    for name in params[0]:
+        assert torch.equal(params[0][name], params[1][name]), name
+    initial = Blocks.__new__(Blocks)
+    torch.manual_seed(0)
+    initial.__init__()
+    assert not torch.equal(initial.out.weight, params[0]["out.weight"]), "training must have moved the weights"
+    for epoch in range(2):
+        shards = [set(r["seen"][epoch]) for r in reports]
+        assert not shards[0] & shards[1], "ranks must see disjoint examples"
+        assert len(shards[0] | shards[1]) == len(DATA)
+    assert reports[0]["seen"][0] != reports[0]["seen"][1], "each epoch reshuffles"
+    assert reports[0]["mean_loss"] == pytest.approx(reports[1]["mean_loss"])
+    assert reports[0]["gathered"] == [0.0, 1.0]
+    for report in reports:
+        assert report["state"] == {"epoch": 2}
+        assert report["reload_equal"]
+        assert report["draws"][0] == report["draws"][1]
+    assert reports[0]["draws"][0] != reports[1]["draws"][0]
+
+
+def test_single_process_fallbacks():
+    ctx = init_distributed(device="cpu")
+    assert ctx == DistContext() and ctx.is_main and not ctx.distributed
+    model = torch.nn.Linear(2, 2)
+    assert wrap_model(model, ctx) is model
+    assert unwrap_model(model) is model
+    assert shard_indices(5, ctx, seed=0, epoch=0, shuffle=False) == [0, 1, 2, 3, 4]
+    assert sorted(shard_indices(5, ctx, seed=0, epoch=1)) == [0, 1, 2, 3, 4]
+    x = torch.arange(3.0)
+    assert torch.equal(all_reduce_mean(x), x) and torch.equal(all_gather_tensors(x), x)
+    with pytest.raises(ValueError, match="strategy"):
+        wrap_model(model, ctx, strategy="zero3")
+
+
+def test_uneven_shards_are_cut_to_equal_length():
+    shards = [shard_indices(7, DistContext(rank=r, world_size=2), seed=0, epoch=0) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 3

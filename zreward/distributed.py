@@ -1,0 +1,141 @@
+"""Scale-out through ``torch.distributed``: process-group setup from the ``torchrun`` environment, model
+wrapping (DDP, or FSDP2 ``fully_shard``), deterministic data sharding and small collectives.
+
+Every helper degrades to a no-op in a single process, so trainers call them unconditionally::
+
+    ctx = init_distributed()                      # reads RANK / WORLD_SIZE / LOCAL_RANK set by torchrun
+    model = wrap_model(model, ctx, strategy="ddp")
+    for index in shard_indices(len(data), ctx, seed=0, epoch=epoch): ...
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+STRATEGIES = ("ddp", "fsdp2", "none")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: ``rank`` of ``world_size``, and the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | torch.device | None = None, backend: str | None = None) -> DistContext:
+    """Join the process group described by the ``torchrun`` environment variables (if any).
+
+    ``device``: ``"cuda"`` (each rank takes ``cuda:<LOCAL_RANK>``), ``"cpu"``, or None for CUDA when
+    available. ``backend`` defaults to NCCL for CUDA and gloo for CPU. Without ``WORLD_SIZE`` > 1 in the
+    environment (and no group already initialised) this returns a single-process context.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    if world_size == 1:
+        return DistContext(device=device)
+    dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, ctx: DistContext, strategy: str = "ddp") -> torch.nn.Module:
+    """Put ``model`` on ``ctx.device`` and wrap it for data parallelism.
+
+    ``"ddp"``: ``DistributedDataParallel`` (gradients all-reduced in backward). ``"fsdp2"``: ``fully_shard``
+    applied to every decoder/vision block that has parameters of its own, then to the root (parameters become
+    sharded DTensors; use :mod:`zreward.checkpoint`, which saves full state dicts). ``"none"``, or a single
+    process: the model unchanged.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    model = model.to(ctx.device)
+    if not ctx.distributed or strategy == "none":
+        return model
+    if strategy == "ddp":
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # find_unused_parameters: the score head reads only K rows of the LM head, and GDSO's reasoning
+        # tokens or RISD's prompts may leave whole branches (vision tower, KL reference) out of a step
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    from torch.distributed.fsdp import fully_shard
+
+    # shard the outermost repeated blocks (decoder layers, vision blocks), each one unit, then the root
+    blocks: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        inside_block = any(name.startswith(block + ".") for block, _ in blocks)
+        if isinstance(module, torch.nn.ModuleList) and not inside_block:
+            blocks.extend((f"{name}.{i}", block) for i, block in enumerate(module))
+    for _, block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside a DDP wrapper (FSDP2 modules are their own wrapper)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def shard_indices(num_items: int, ctx: DistContext, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """This rank's share of one epoch over ``num_items`` examples.
+
+    The permutation depends only on ``(seed, epoch)``, so every rank agrees on it and a resumed run replays
+    the same order; it is cut to a multiple of ``world_size`` (every rank does the same number of steps)
+    and dealt round-robin: rank r gets positions r, r + W, r + 2W, ...
+    """
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(num_items, generator=generator).tolist()
+    else:
+        order = list(range(num_items))
+    usable = num_items - num_items % ctx.world_size
+    return order[ctx.rank:usable:ctx.world_size]
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of ``value`` over ranks (a copy; the input is left alone). Identity in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value.detach().clone()
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+def all_gather_tensors(value: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``value`` (same shape on every rank) over ranks along dim 0, in rank order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value.detach().clone()
+    parts = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, value.detach().contiguous())
+    return torch.cat(parts)
+
+
+def free_port() -> int:
+    """An unused loopback TCP port, for ``MASTER_PORT`` in tests and single-node launches."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
