@@ -1,0 +1,279 @@
+"""Score-distribution reward model on a Qwen-VL checkpoint (Qwen3.5, Qwen3-VL, Qwen2.5-VL via transformers).
+
+Student mode (Eq. 16): one forward pass over ``B x len(dimensions)`` chat prompts that end with the answer
+prefix; only the last position's hidden state is used, and the K score logits come from the LM-head rows of
+the score tokens through ``zr_kernels.linear_score`` (no full-vocabulary logits anywhere).
+Teacher mode (Eq. 5-6): ``G`` sampled reasoning outputs per image, the answer prefix appended after each, the
+distribution decoded at the score position; the returned ``Rollouts`` let a trainer recompute completion
+log-probs and score distributions under any model with the same vocabulary (``rollout_forward``).
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+import zr_kernels
+from zr_kernels import ScoreDist
+from zr_kernels._validation import check_choice, check_positive_float
+from zreward.image_processing import num_image_tokens, preprocess_images
+from zreward.rubric import ANSWER_PREFIX, DIMENSIONS, chat_prompt, check_dimension
+from zreward.vocab import ScoreVocab
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+class ScoringProcessor:
+    """The two parts of a Qwen-VL processor the scorer uses: ``tokenizer`` and ``image_processor``.
+
+    A full HF processor (``Qwen3VLProcessor`` ...) works wherever this does; this one also loads where the
+    video processor cannot (it needs torchvision).
+    """
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    def save_pretrained(self, path) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path) -> "ScoringProcessor":
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+
+
+@dataclass
+class Rollouts:
+    """``N = B * num_samples`` teacher sequences (row ``b * num_samples + g``), right-padded to ``L``.
+
+    ``input_ids [N, L]`` = prompt + sampled reasoning + answer prefix; ``completion_mask [N, L]`` marks the sampled
+    reasoning tokens (the policy's actions); ``score_positions [N]`` is the last answer-prefix position, whose
+    next-token distribution over the score tokens is ``scores`` (``[B, num_samples]`` leading shape, no grad).
+    ``pixel_values`` / ``image_grid_thw`` / ``mm_token_type_ids`` are the per-row vision inputs.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    score_positions: torch.Tensor
+    scores: ScoreDist
+    completions: list[str]
+    num_samples: int
+
+
+def _score_logits_distribution(hidden, weight, vocab: ScoreVocab, temperature: float) -> ScoreDist:
+    """K-way score distribution of ``hidden [N, D]`` against the score rows of ``weight [V, D]``."""
+    ids = torch.tensor(vocab.token_ids, device=weight.device)
+    return zr_kernels.score_distribution(hidden @ weight[ids].T, list(range(len(ids))), vocab.values,
+                                         temperature=temperature)
+
+
+class RewardScorer:
+    """Scores images under the four rubric dimensions with a Qwen-VL ``model`` (``...ForConditionalGeneration``).
+
+    ``processor`` needs ``.tokenizer`` (with a chat template) and ``.image_processor``; ``vocab`` maps score tokens
+    to values. ``attn_implementation`` is set on the model: ``"sdpa"`` (default), ``"eager"`` or
+    ``"flash_attention_2"`` (needs the flash-attn package).
+    """
+
+    def __init__(self, model, processor, vocab: ScoreVocab, attn_implementation: str = "sdpa"):
+        check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+        if attn_implementation == "flash_attention_2":
+            from transformers.utils import is_flash_attn_2_available
+
+            if not is_flash_attn_2_available():
+                raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package installed")
+        self.model = model
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.vocab = vocab
+        _base(model).set_attn_implementation(attn_implementation)
+        self.image_token_id = _base(model).config.image_token_id
+        self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        vocab_rows = _base(model).get_output_embeddings().weight.shape[0]
+        if max(vocab.token_ids) >= vocab_rows:
+            raise ValueError(f"vocab.token_ids must lie below the LM head's {vocab_rows} rows, got {vocab.token_ids}")
+        self.prefix_ids = self.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
+        self.stop_ids = _stop_ids(_base(model), self.tokenizer)
+
+    # -- student ---------------------------------------------------------------------------------------------
+    def student_scores(self, images: torch.Tensor, prompts: Sequence[str], dimensions: Sequence[str] = DIMENSIONS,
+                       *, temperature: float = 1.0) -> ScoreDist:
+        """Score distribution per image and dimension: ``probs [B, len(dimensions), K]``, ``mean``/``std [B, D]``.
+
+        ``images``: float ``[B, 3, H, W]`` in ``[0, 1]``; ``prompts``: the B generation prompts. One forward pass over
+        the ``B * len(dimensions)`` sequences (row ``b * len(dimensions) + d``); differentiable w.r.t. ``images``
+        and the model's parameters. The vision tower runs once per row.
+        """
+        dimensions = [check_dimension(d) for d in dimensions]
+        prompts = _check_prompts(prompts, images)
+        temperature = check_positive_float("temperature", temperature)
+        pixel_values, grid = preprocess_images(images, self.image_processor)
+        num_dims = len(dimensions)
+        texts = [chat_prompt(self.tokenizer, p, d) for p in prompts for d in dimensions]
+        rows = [self.tokenizer.encode(t, add_special_tokens=False) for t in self._expand_images(texts, grid, num_dims)]
+        batch = self._right_pad(rows)
+        row_pixels, row_grid = _repeat_images(pixel_values, grid, num_dims)
+        hidden = self.last_hidden(batch, row_pixels, row_grid, batch["attention_mask"].sum(1) - 1)
+        dist = _score_logits_distribution(hidden, self.lm_head_weight(), self.vocab, temperature)
+        return _reshape(dist, (len(prompts), num_dims))
+
+    # -- teacher ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def teacher_rollouts(self, images: torch.Tensor, prompts: Sequence[str], dimension: str, num_samples: int,
+                         max_new_tokens: int, temperature: float = 1.0) -> Rollouts:
+        """Sample ``num_samples`` reasoning outputs per image (pure temperature sampling), cut each at the first
+        stop token or at the answer prefix the model wrote itself, append the answer prefix and decode the score
+        distribution there. ``scores`` has ``[B, num_samples]`` leading shape.
+        """
+        check_dimension(dimension)
+        prompts = _check_prompts(prompts, images)
+        temperature = check_positive_float("temperature", temperature)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        pixel_values, grid = preprocess_images(images, self.image_processor)
+        texts = [chat_prompt(self.tokenizer, p, dimension, reasoning=True) for p in prompts]
+        prompt_rows = [self.tokenizer.encode(t, add_special_tokens=False) for t in self._expand_images(texts, grid, 1)]
+        prompt_rows = [row for row in prompt_rows for _ in range(num_samples)]
+        row_pixels, row_grid = _repeat_images(pixel_values, grid, num_samples)
+
+        prompts_batch = self._left_pad(prompt_rows)
+        generated = self.model.generate(
+            **prompts_batch, pixel_values=row_pixels, image_grid_thw=row_grid, do_sample=True,
+            temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids,
+        )[:, prompts_batch["input_ids"].shape[1]:]
+        completions = [self._cut_completion(row) for row in generated.tolist()]
+
+        rows = [p + c + self.prefix_ids for p, c in zip(prompt_rows, completions)]
+        batch = self._right_pad(rows)
+        completion_mask = torch.zeros_like(batch["attention_mask"])
+        for i, (p, c) in enumerate(zip(prompt_rows, completions)):
+            completion_mask[i, len(p):len(p) + len(c)] = 1
+        score_positions = batch["attention_mask"].sum(1) - 1
+        hidden = self.last_hidden(batch, row_pixels, row_grid, score_positions)
+        scores = _score_logits_distribution(hidden, self.lm_head_weight(), self.vocab, 1.0)
+        return Rollouts(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], completion_mask=completion_mask,
+            mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=row_pixels, image_grid_thw=row_grid,
+            score_positions=score_positions, scores=_reshape(scores, (len(prompts), num_samples)),
+            completions=self.tokenizer.batch_decode(completions), num_samples=num_samples,
+        )
+
+    def rollout_forward(self, rollouts: Rollouts, model=None) -> tuple[torch.Tensor, ScoreDist]:
+        """Recompute under ``model`` (default: the scorer's) in one forward pass, with gradients:
+        ``token_logprobs [N, L]`` (log-prob of each completion token, 0 elsewhere) and the score distribution at
+        the score positions (``[B, num_samples]`` leading shape). Full-vocabulary logits are formed only at the
+        completion positions, where the policy gradient needs them.
+        """
+        model = self.model if model is None else model
+        batch = {k: getattr(rollouts, k) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        hidden = self._hidden_states(model, batch, rollouts.pixel_values, rollouts.image_grid_thw)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        weight = _base(model).get_output_embeddings().weight
+        scores = _score_logits_distribution(hidden[rows, rollouts.score_positions], weight, self.vocab, 1.0)
+        # Token t is predicted from position t - 1.
+        target_mask = rollouts.completion_mask[:, 1:].bool()
+        logits = (hidden[:, :-1][target_mask] @ weight.T).float()
+        picked = logits.log_softmax(-1).gather(-1, rollouts.input_ids[:, 1:][target_mask].unsqueeze(-1)).squeeze(-1)
+        token_logprobs = hidden.new_zeros(rollouts.input_ids.shape, dtype=torch.float32)
+        token_logprobs[:, 1:] = token_logprobs[:, 1:].masked_scatter(target_mask, picked)
+        batch_size = hidden.shape[0] // rollouts.num_samples
+        return token_logprobs, _reshape(scores, (batch_size, rollouts.num_samples))
+
+    # -- shared pieces ---------------------------------------------------------------------------------------
+    def lm_head_weight(self) -> torch.Tensor:
+        """The LM head ``[V, D]``; the scorer reads only the K score rows of it."""
+        return _base(self.model).get_output_embeddings().weight
+
+    def last_hidden(self, batch: dict, pixel_values, image_grid_thw, positions: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden state ``[N, D]`` at ``positions[n]`` of each row (the LM head is not applied)."""
+        hidden = self._hidden_states(self.model, batch, pixel_values, image_grid_thw)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
+
+    def _hidden_states(self, model, batch: dict, pixel_values, image_grid_thw) -> torch.Tensor:
+        inner = _base(model).model
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False)
+        if "mm_token_type_ids" in inspect.signature(inner.forward).parameters:
+            kwargs["mm_token_type_ids"] = batch["mm_token_type_ids"]
+        return inner(**kwargs).last_hidden_state
+
+    def _expand_images(self, texts: list[str], grid: torch.Tensor, rows_per_image: int) -> list[str]:
+        """Replace each text's single image placeholder by one token per merged patch of its image."""
+        counts = num_image_tokens(grid, self.image_processor.merge_size)
+        expanded = []
+        for i, text in enumerate(texts):
+            if text.count(self.image_token) != 1:
+                raise ValueError(f"prompt {i} must contain exactly one {self.image_token!r} after templating")
+            expanded.append(text.replace(self.image_token, self.image_token * counts[i // rows_per_image]))
+        return expanded
+
+    def _right_pad(self, rows: list[list[int]]) -> dict:
+        return self._pad(rows, left=False)
+
+    def _left_pad(self, rows: list[list[int]]) -> dict:
+        return self._pad(rows, left=True)
+
+    def _pad(self, rows: list[list[int]], left: bool) -> dict:
+        device = self.lm_head_weight().device
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.int64)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.int64)
+        for i, row in enumerate(rows):
+            span = slice(length - len(row), length) if left else slice(0, len(row))
+            input_ids[i, span] = torch.tensor(row, dtype=torch.int64)
+            attention_mask[i, span] = 1
+        mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32)
+        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+                "mm_token_type_ids": mm_token_type_ids.to(device)}
+
+    def _cut_completion(self, tokens: list[int]) -> list[int]:
+        """Tokens before the first stop token, or before the answer prefix when the model wrote it itself."""
+        end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), len(tokens))
+        tokens, k = tokens[:end], len(self.prefix_ids)
+        start = next((i for i in range(len(tokens) - k + 1) if tokens[i:i + k] == self.prefix_ids), len(tokens))
+        return tokens[:start]
+
+
+def _base(model):
+    """The transformers model under a peft wrapper (LoRA layers stay inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return sorted(set(eos) | {tokenizer.eos_token_id} - {None})
+
+
+def _check_prompts(prompts, images) -> list[str]:
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a sequence of strings, one per image")
+    prompts = list(prompts)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(prompts) != images.shape[0]:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"prompts must hold one prompt per image: got {len(prompts)} prompts for images {shape}")
+    return prompts
+
+
+def _repeat_images(pixel_values: torch.Tensor, grid: torch.Tensor, times: int):
+    """Per-row vision inputs: each image's patches (same count for all images) repeated ``times`` times."""
+    batch = grid.shape[0]
+    per_image = pixel_values.view(batch, -1, pixel_values.shape[-1])
+    return per_image.repeat_interleave(times, 0).reshape(-1, pixel_values.shape[-1]), grid.repeat_interleave(times, 0)
+
+
+def _reshape(dist: ScoreDist, lead: tuple[int, ...]) -> ScoreDist:
+    return ScoreDist(dist.probs.view(*lead, -1), dist.mean.view(lead), dist.std.view(lead),
+                     None if dist.nll is None else dist.nll.view(lead))

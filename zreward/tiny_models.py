@@ -1,0 +1,107 @@
+"""Tiny random-weight Qwen-VL reward models built offline from configs (tests, demo, benchmarks).
+
+The tokenizer is a byte-level BPE trained here, in milliseconds, on the rubric prompts, with the Qwen
+pre-tokenizer (digits split one by one, so the score digits are single tokens as in real Qwen
+vocabularies), the Qwen special tokens and a Qwen-style chat template. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from transformers import PreTrainedTokenizerFast, Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+from zreward.image_processing import qwen_image_processor
+from zreward.rubric import ANSWER_PREFIX, DIMENSIONS, instruction
+from zreward.scorer import ScoringProcessor
+
+# The Qwen2/3/3.5 pre-tokenization pattern: digits (\p{N}) are always split into single characters.
+QWEN_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", "<think>", "</think>")
+
+# Qwen3.5's template reduced to what the scorer uses: content lists with images, thinking on or off.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' -}}"
+    "{%- if message.content is string -%}{{- message.content -}}"
+    "{%- else -%}{%- for part in message.content -%}"
+    "{%- if part.type == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part.type == 'text' -%}{{- part.text -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- else -%}{{- '<think>\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A Qwen-style byte-level BPE tokenizer trained on the rubric prompts (deterministic, offline)."""
+    tokenizer = Tokenizer(BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [instruction("a red cube on a blue sphere", d, reasoning=r) for d in DIMENSIONS for r in (False, True)]
+    corpus.append(f"user assistant the image shows {ANSWER_PREFIX}")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+def tiny_processor(patch_size: int = 16, merge_size: int = 2) -> ScoringProcessor:
+    """Tokenizer + Qwen-VL image processor (Qwen3.5 normalisation), small resize bounds for tiny images."""
+    image_processor = qwen_image_processor(
+        patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2, image_mean=[0.5] * 3,
+        image_std=[0.5] * 3, size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128},
+    )
+    return ScoringProcessor(tiny_tokenizer(), image_processor)
+
+
+def _special_ids(tokenizer) -> dict[str, int]:
+    return {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>")
+            for name in ("endoftext", "im_end", "image_pad", "video_pad", "vision_start", "vision_end")}
+
+
+def tiny_qwen35(seed: int = 0, vision_config: dict | None = None, **overrides):
+    """``(model, processor)``: a random-weight ``Qwen3_5ForConditionalGeneration`` (hidden 32, one linear-attention
+    and one full-attention layer, 1-block vision tower with patch 16) in fp32, in eval mode.
+
+    ``overrides`` update the text config, ``vision_config`` the vision config.
+    """
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=overrides.get("hidden_size", 32), num_position_embeddings=64)
+    vision.update(vision_config or {})
+    processor = tiny_processor(vision["patch_size"], vision["spatial_merge_size"])
+    tokenizer = processor.tokenizer
+    ids = _special_ids(tokenizer)
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=2, layer_types=["linear_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                         "mrope_interleaved": True, "partial_rotary_factor": 0.5},
+        pad_token_id=ids["endoftext"], eos_token_id=[ids["im_end"], ids["endoftext"]],
+    )
+    text_config.update(overrides)
+    config = Qwen3_5Config(
+        text_config=text_config, vision_config=vision, image_token_id=ids["image_pad"],
+        video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3_5ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = ids["endoftext"]
+    model.generation_config.eos_token_id = [ids["im_end"], ids["endoftext"]]
+    return model.eval(), processor

@@ -1,0 +1,69 @@
+"""Score vocabulary: K single tokens of a tokenizer <-> the K score-bin values (paper Sec. 2, Eq. 2).
+
+Qwen tokenizers split numbers into single digits and ``"1.5"`` into three tokens, so the default score
+texts are the nine digits ``"1"`` .. ``"9"`` of a 1-9 scale, mapped to the nine half-point bins
+1.0, 1.5, ..., 5.0 of the annotation scale (digit ``n`` <-> value ``(n + 1) / 2``). The rubric prompt
+states that mapping (see ``zreward.rubric``). A leading space makes a different token (``" 4"`` is two
+tokens in Qwen vocabularies), which is why the answer prefix ends with the space itself.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_SCORE_TEXTS = tuple(str(digit) for digit in range(1, 10))
+DEFAULT_VALUES = tuple(1.0 + 0.5 * i for i in range(9))
+
+
+@dataclass
+class ScoreVocab:
+    """``texts[k]`` is token ``token_ids[k]`` of the tokenizer and stands for score ``values[k]`` (fp32 ``[K]``)."""
+
+    texts: list[str]
+    token_ids: list[int]
+    values: torch.Tensor
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, texts: Sequence[str] = DEFAULT_SCORE_TEXTS,
+                       values: Sequence[float] = DEFAULT_VALUES) -> "ScoreVocab":
+        """Look up each text in ``tokenizer``; each must encode to exactly one token, all distinct."""
+        texts, values = list(texts), [float(v) for v in values]
+        if len(texts) != len(values) or not texts:
+            raise ValueError(f"texts and values must be non-empty and of equal length, got {len(texts)} and {len(values)}")
+        if any(b <= a for a, b in zip(values, values[1:])):
+            raise ValueError(f"values must be strictly increasing, got {values}")
+        token_ids = []
+        for text in texts:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"score text {text!r} must be a single token of the tokenizer, got ids {ids}")
+            token_ids.append(ids[0])
+        if len(set(token_ids)) != len(token_ids):
+            raise ValueError(f"score texts {texts} must map to distinct tokens, got ids {token_ids}")
+        return cls(texts, token_ids, torch.tensor(values, dtype=torch.float32))
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.texts)
+
+    @property
+    def score_min(self) -> float:
+        return float(self.values[0])
+
+    @property
+    def score_max(self) -> float:
+        return float(self.values[-1])
+
+    def bin_index(self, score: float) -> int:
+        """Index of the bin nearest to ``score`` (the lower one on a tie); ``score`` must lie in the value range."""
+        score = float(score)
+        if not self.score_min <= score <= self.score_max:
+            raise ValueError(f"score must lie in [{self.score_min}, {self.score_max}], got {score}")
+        return int((self.values - score).abs().argmin())
+
+    def bin_indices(self, scores: Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """``bin_index`` of each score as an int64 tensor of the same shape (targets for ``score_distribution``)."""
+        scores = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
+        return torch.tensor([self.bin_index(s) for s in scores.reshape(-1).tolist()], dtype=torch.int64).view(scores.shape)
