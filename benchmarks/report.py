@@ -143,12 +143,12 @@ def markdown(data: dict) -> str:
         records = run["records"]
         columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in records)]
         lines += [f"## {op}", "", f"run: `{run['meta']['command']}`", "",
-                  "| case | provider | " + " | ".join(c[0] for c in columns) + " | note |",
+                  "| " + " | ".join(["case", "provider", *(c[0] for c in columns), "note"]) + " |",
                   "|---|---|" + "---:|" * len(columns) + "---|"]
         for r in records:
             note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
-            cells = " | ".join(_cell(r, key, fmt) for _, key, fmt in columns)
-            lines.append(f"| {r['case']} | {r['provider']} | {cells} | {note} |")
+            cells = [_cell(r, key, fmt) for _, key, fmt in columns]
+            lines.append("| " + " | ".join([r["case"], r["provider"], *cells, note]) + " |")
         lines.append("")
     return "\n".join(lines)
 
