@@ -127,7 +127,8 @@ def group_advantages_fwd(rewards: torch.Tensor, group_size: int, scale: str, unb
     _group_advantages_kernel[(triton.cdiv(n_groups, block_groups),)](
         rewards, part_mean, part_m2, out,
         n, n_groups, group_size, rewards.stride(0), n_parts, eps, int(unbiased),
-        GROUP_STD=scale == "group", BATCH_STD=scale == "batch", PART_BLOCK=part_block, BLOCK_P=min(triton.next_power_of_2(n_parts), 1024),
+        GROUP_STD=scale == "group", BATCH_STD=scale == "batch",
+        PART_BLOCK=part_block, BLOCK_P=min(triton.next_power_of_2(n_parts), 1024),
         BLOCK_GROUPS=block_groups, BLOCK_COLS=block_cols,
     )
     return out
