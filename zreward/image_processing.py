@@ -86,8 +86,9 @@ def preprocess_images(images: torch.Tensor, image_processor) -> tuple[torch.Tens
     new_h, new_w = target_size(height, width, image_processor)
     x = images
     if (new_h, new_w) != (height, width):
-        # Interpolate in fp32 (bicubic antialias has no half kernels on CPU), like PIL's resample=BICUBIC.
-        x = F.interpolate(x.float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        # Antialiased bicubic (a = -0.5, PIL's resample=BICUBIC); half inputs go through fp32, which has CPU kernels.
+        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        x = F.interpolate(wide, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
         x = x.clamp(0.0, 1.0).to(images.dtype)
     mean = torch.tensor(image_processor.image_mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

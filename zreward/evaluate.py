@@ -1,0 +1,121 @@
+"""``zreward evaluate``: student scores of a saved model on an annotation file, metrics per dimension.
+
+The model folder is what ``save_pretrained`` writes for a Qwen-VL ``...ForConditionalGeneration`` plus its
+tokenizer and image processor. Prints a table (PLCC, SRCC, HPA, margin HPA per dimension and pooled) and
+writes the same numbers, with the per-record predictions, as JSON with ``--output``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from zreward.data import Annotation, by_dimension, load_annotations, load_image
+from zreward.metrics import reward_metrics
+from zreward.scorer import RewardScorer, ScoringProcessor
+from zreward.vocab import ScoreVocab
+
+COLUMNS = ("n", "pairs", "plcc", "srcc", "hpa", "margin_hpa")
+
+
+@torch.no_grad()
+def predict(scorer: RewardScorer, records: list[Annotation], batch_size: int = 8,
+            progress: bool = True) -> list[float]:
+    """Student expected score (Eq. 16) of each record, batched by dimension and image size."""
+    batches = defaultdict(list)
+    images = {}
+    for index, record in enumerate(records):
+        images[index] = load_image(record.image)
+        batches[(record.dimension, tuple(images[index].shape))].append(index)
+    device = scorer.lm_head_weight().device
+    predictions = [math.nan] * len(records)
+    with tqdm(total=len(records), desc="scoring", unit="image", disable=not progress) as bar:
+        for (dimension, _), indices in batches.items():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                pixels = torch.stack([images.pop(i) for i in chunk]).to(device)
+                dist = scorer.student_scores(pixels, [records[i].prompt for i in chunk], (dimension,))
+                for i, mean in zip(chunk, dist.mean[:, 0].tolist()):
+                    predictions[i] = mean
+                bar.update(len(chunk))
+    return predictions
+
+
+def evaluate_records(scorer: RewardScorer, records: list[Annotation], batch_size: int = 8,
+                     progress: bool = True) -> dict:
+    """``{"metrics": {dimension | "all": {...}}, "predictions": [...]}`` for ``records``."""
+    predictions = predict(scorer, records, batch_size, progress)
+    position = {id(r): i for i, r in enumerate(records)}
+    metrics = {}
+    for dimension, group in [*by_dimension(records).items(), ("all", records)]:
+        pred = [predictions[position[id(r)]] for r in group]
+        metrics[dimension] = reward_metrics(pred, [r.score for r in group], [(r.prompt, r.dimension) for r in group])
+    rows = [{"source": r.source, "dimension": r.dimension, "score": r.score, "prediction": p}
+            for r, p in zip(records, predictions)]
+    return {"metrics": metrics, "predictions": rows}
+
+
+def format_table(metrics: dict) -> str:
+    header = f"{'dimension':<14}" + "".join(f"{c:>12}" for c in COLUMNS)
+    lines = [header, "-" * len(header)]
+    for name, row in metrics.items():
+        cells = "".join(f"{row[c]:>12d}" if isinstance(row[c], int) else f"{row[c]:>12.4f}" for c in COLUMNS)
+        lines.append(f"{name:<14}{cells}")
+    return "\n".join(lines)
+
+
+def load_scorer(model_dir, device: str = "cpu", dtype: str = "float32",
+                attn_implementation: str = "sdpa") -> RewardScorer:
+    """A ``RewardScorer`` on the model, tokenizer and image processor saved in ``model_dir`` (default score vocab)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    processor = ScoringProcessor.from_pretrained(model_dir)
+    vocab = ScoreVocab.from_tokenizer(processor.tokenizer)
+    return RewardScorer(model.to(device).eval(), processor, vocab, attn_implementation=attn_implementation)
+
+
+def run(args) -> int:
+    if args.batch_size < 1:
+        raise SystemExit(f"zreward evaluate: --batch-size must be positive, got {args.batch_size}")
+    records = load_annotations(args.data, split=None if args.split == "all" else args.split)
+    if args.dimension:
+        records = [r for r in records if r.dimension in args.dimension]
+    if not records:
+        raise SystemExit(f"zreward evaluate: no records in {args.data} (split={args.split}, dimension={args.dimension})")
+    scorer = load_scorer(args.model, args.device, args.dtype, args.attn_implementation)
+    result = evaluate_records(scorer, records, args.batch_size, progress=not args.quiet)
+    print(format_table(result["metrics"]))
+    if args.output:
+        result = {"model": str(args.model), "data": str(args.data), "split": args.split, **result}
+        Path(args.output).write_text(json.dumps(_finite_or_none(result), indent=2) + "\n")
+    return 0
+
+
+def _finite_or_none(value):
+    """The JSON value with NaN metrics (no pairs, constant predictions) written as null."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="PLCC / SRCC / HPA / margin HPA of a saved reward model",
+                                   description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path, help="folder written by save_pretrained")
+    parser.add_argument("--data", required=True, type=Path, help="annotation JSONL (see zreward.data)")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test; 'all' for every record)")
+    parser.add_argument("--dimension", action="append", help="restrict to this dimension (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    parser.add_argument("--output", type=Path, help="write metrics and predictions as JSON here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
