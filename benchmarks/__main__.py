@@ -6,13 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
-import importlib.metadata
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -34,29 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _versions() -> dict:
-    import triton
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-                "cuda": torch.version.cuda or "none"}
-    for package in ("liger-kernel", "transformers"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         _parser().error("no CUDA device: the full-size benchmarks need a GPU; use --smoke for the CPU smoke run")
@@ -69,12 +45,7 @@ def main(argv: list | None = None) -> int:
 
     config = harness.Config(device=torch.device("cuda" if cuda else "cpu"), smoke=args.smoke)
     copy_gbps = harness.copy_bandwidth_gbps(config)
-    meta = {
-        "device_name": torch.cuda.get_device_name() if cuda else f"cpu {platform.machine()}",
-        "cuda": cuda, "smoke": args.smoke, "versions": _versions(), "copy_gbps": copy_gbps,
-        "command": shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]),
-        "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    meta = report.run_meta(config, copy_gbps, shlex.join(["python", "-m", "benchmarks", *argv]))
     print(f"{meta['device_name']}: copy bandwidth {copy_gbps:.0f} GB/s", file=sys.stderr)
     records_by_op = {}
     for op in args.ops:

@@ -56,7 +56,7 @@ class Case:
     (empty: forward only). ``bytes_moved`` is the minimal HBM traffic of the measured phase (fwd+bwd when
     there is a backward, else fwd); when given, achieved GB/s and the fraction of copy bandwidth are reported.
     ``series``/``x`` place the case on the op's sweep plot; ``headline`` marks the case the goals refer to.
-    ``items`` (e.g. images) turns the time into a throughput.
+    ``items`` (e.g. images) turns the time into a throughput; ``speedup`` is against the ``baseline`` provider.
     """
 
     op: str
@@ -69,6 +69,7 @@ class Case:
     x: Optional[int] = None
     headline: bool = False
     items: Optional[int] = None
+    baseline: str = "eager"
     params: dict = field(default_factory=dict)
 
 
@@ -188,11 +189,11 @@ def _measure_provider(case: Case, provider: Provider, config: Config) -> dict:
 
 
 def measure_case(case: Case, config: Config, copy_gbps: Optional[float]) -> list:
-    """One record (a flat dict) per provider of ``case``, with speedups against the ``eager`` provider."""
+    """One record (a flat dict) per provider of ``case``, with speedups against ``case.baseline``."""
     records = []
     for provider in case.providers:
         record = {"op": case.op, "case": case.label, "series": case.series, "x": case.x,
-                  "headline": case.headline, "params": case.params, "provider": provider.name,
+                  "headline": case.headline, "baseline": case.baseline, "params": case.params, "provider": provider.name,
                   "status": "ok", "reason": None}
         if provider.skip is not None:
             record.update(status="skipped", reason=provider.skip)
@@ -217,7 +218,7 @@ def main_ms(record: dict) -> Optional[float]:
 
 
 def _derive(records: list, case: Case, copy_gbps: Optional[float]) -> None:
-    eager = next((r for r in records if r["provider"] == "eager" and r["status"] == "ok"), None)
+    base = next((r for r in records if r["provider"] == case.baseline and r["status"] == "ok"), None)
     for record in records:
         ms = main_ms(record) if record["status"] == "ok" else None
         record["gbps"] = record["pct_copy"] = record["speedup"] = record["items_per_s"] = None
@@ -227,8 +228,8 @@ def _derive(records: list, case: Case, copy_gbps: Optional[float]) -> None:
             record["gbps"] = case.bytes_moved / ms / 1e6
             if copy_gbps:
                 record["pct_copy"] = 100 * record["gbps"] / copy_gbps
-        if eager is not None and main_ms(eager):
-            record["speedup"] = main_ms(eager) / ms
+        if base is not None and main_ms(base):
+            record["speedup"] = main_ms(base) / ms
         if case.items is not None:
             record["items_per_s"] = case.items / ms * 1e3
 

@@ -1,12 +1,18 @@
 """Results on disk and on screen: merged JSON, a markdown table per op with the goals, PNG sweep plots."""
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import math
+import platform
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
+import torch
 
 COLUMNS = (  # (header, record key, format)
     ("fwd ms", "fwd_ms", "{:.4g}"),
@@ -15,9 +21,33 @@ COLUMNS = (  # (header, record key, format)
     ("peak MiB", "peak_mib", "{:.1f}"),
     ("GB/s", "gbps", "{:.3g}"),
     ("% copy", "pct_copy", "{:.3g}%"),
-    ("× eager", "speedup", "{:.2f}x"),
+    ("speedup", "speedup", "{:.3g}x"),
     ("items/s", "items_per_s", "{:.1f}"),
 )
+
+
+def run_meta(config, copy_gbps: float, command: str) -> dict:
+    """Device, versions, command, commit and date of a run, stored with its results."""
+    import triton
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+                "cuda": torch.version.cuda or "none"}
+    for package in ("liger-kernel", "transformers"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "device_name": torch.cuda.get_device_name(config.device) if config.cuda else f"cpu {platform.machine()}",
+        "cuda": config.cuda, "smoke": config.smoke, "versions": versions, "copy_gbps": copy_gbps,
+        "command": command, "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def device_stem(meta: dict) -> str:
@@ -130,7 +160,7 @@ def markdown(data: dict) -> str:
         f"- command: `{meta['command']}`" + (f" at commit `{meta['commit']}`" if meta.get("commit") else ""),
         f"- device-to-device copy: {meta['copy_gbps']:.3g} GB/s (read + write), the roofline for % copy",
         "- times are medians; fwd+bwd is one forward and the backward of every output with a ones gradient; "
-        "× eager is eager time / provider time (fwd+bwd, or fwd for forward-only ops)", "",
+        "speedup is the baseline's time / the provider's time (fwd+bwd, or fwd for forward-only ops)", "",
     ]
     goals = goal_rows(data["ops"])
     if goals:
@@ -142,7 +172,8 @@ def markdown(data: dict) -> str:
     for op, run in data["ops"].items():
         records = run["records"]
         columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in records)]
-        lines += [f"## {op}", "", f"run: `{run['meta']['command']}`", "",
+        baseline = records[0]["baseline"] if records else "eager"
+        lines += [f"## {op}", "", f"run: `{run['meta']['command']}`; speedup against `{baseline}`", "",
                   "| " + " | ".join(["case", "provider", *(c[0] for c in columns), "note"]) + " |",
                   "|---|---|" + "---:|" * len(columns) + "---|"]
         for r in records:

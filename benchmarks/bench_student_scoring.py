@@ -1,0 +1,108 @@
+"""End to end: student scores of B images under the 4 rubric dimensions, with the gradient to the pixels (ReFL).
+
+``ours`` is ``RewardScorer.student_scores``: one forward pass over the ``B·4`` chat prompts, the last hidden
+state only, the score distribution from the K LM-head rows. ``naive`` is plain transformers usage: one pass
+per dimension through ``model(...)``, full ``[B, L, V]`` logits, the score tokens read at the last position.
+Both preprocess the images with the same differentiable Qwen-VL path and build the same prompts, and both
+return the ``[B, 4]`` expected scores; the model is frozen (ReFL trains the generator, not the reward model).
+
+The model is a random-weight Qwen3.5 with the 9B text shape (hidden 4096, vocabulary 248,320, the 9B's
+attention and linear-attention heads) and few layers, in bf16; the vision tower stays tiny. ``--smoke`` uses
+the tiny default configuration.
+"""
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import torch
+
+from benchmarks.harness import Case, Config, Provider
+
+OP = "student_scoring"
+PROMPT = "a red cube on a blue sphere"
+
+# Qwen3.5-9B's text config (transformers' Qwen3_5Config defaults) with 4 layers: 3 linear-attention + 1 full.
+QWEN35_9B_TEXT = dict(
+    vocab_size=248_320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=4,
+    layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=16, num_key_value_heads=4,
+    head_dim=256, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+    linear_num_value_heads=32,
+    rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
+                     "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+)
+
+
+@lru_cache(maxsize=2)
+def _scorer(smoke: bool, device_type: str):
+    """The frozen model, processor and scorer, built once per run (on the device, so init is fast on GPU)."""
+    from zreward.scorer import RewardScorer
+    from zreward.tiny_models import tiny_qwen35
+    from zreward.vocab import ScoreVocab
+
+    device = torch.device(device_type)
+    with device:
+        model, processor = tiny_qwen35(**({} if smoke else QWEN35_9B_TEXT))
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    model.requires_grad_(False)
+    vocab = ScoreVocab.from_tokenizer(processor.tokenizer)
+    return model, processor, RewardScorer(model, processor, vocab)
+
+
+def _ours(scorer):
+    def run(images):
+        return scorer.student_scores(images, [PROMPT] * images.shape[0]).mean
+    return run
+
+
+def _naive(model, processor, scorer):
+    from zreward.image_processing import num_image_tokens, preprocess_images
+    from zreward.rubric import DIMENSIONS, chat_prompt
+
+    tokenizer = processor.tokenizer
+    image_token_id = model.config.image_token_id
+    image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+    takes_mm_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
+
+    def run(images):
+        pixel_values, grid = preprocess_images(images, processor.image_processor)
+        placeholders = image_token * num_image_tokens(grid, processor.image_processor.merge_size)[0]
+        ids = torch.tensor(scorer.vocab.token_ids, device=images.device)
+        values = scorer.vocab.values.to(images.device)
+        rows = torch.arange(images.shape[0], device=images.device)
+        means = []
+        for dimension in DIMENSIONS:  # one pass per dimension, full logits, as model(...) gives them
+            texts = [chat_prompt(tokenizer, PROMPT, dimension).replace(image_token, placeholders)] * images.shape[0]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(images.device)
+            extra = {"mm_token_type_ids": (batch["input_ids"] == image_token_id).int()} if takes_mm_types else {}
+            logits = model(**batch, pixel_values=pixel_values, image_grid_thw=grid, use_cache=False, **extra).logits
+            last = logits[rows, batch["attention_mask"].sum(1) - 1]
+            means.append(last[:, ids].float().softmax(-1) @ values)
+        return torch.stack(means, 1)
+    return run
+
+
+def _case(batch: int, size: int, config: Config, headline: bool) -> Case:
+    model, processor, scorer = _scorer(config.smoke, config.device.type)
+    dtype = next(model.parameters()).dtype
+
+    def make_inputs():
+        images = torch.rand(batch, 3, size, size, device=config.device, dtype=dtype)
+        return {"images": images.requires_grad_()}
+
+    width = model.config.text_config.hidden_size
+    layers = model.config.text_config.num_hidden_layers
+    vocab = model.config.text_config.vocab_size
+    return Case(
+        op=OP, label=f"B={batch} x 4 dims, {size}px, D={width} V={vocab} {layers} layers", make_inputs=make_inputs,
+        providers=[Provider("ours", _ours(scorer)), Provider("naive", _naive(model, processor, scorer))],
+        grad=("images",), series=f"D={width} {layers} layers", x=batch, headline=headline, items=batch,
+        baseline="naive", params={"B": batch, "image_size": size, "D": width, "V": vocab, "layers": layers},
+    )
+
+
+def cases(config: Config) -> list:
+    if config.smoke:
+        return [_case(2, 64, config, headline=True)]
+    return [_case(batch, 128, config, headline=batch == 8) for batch in (4, 8, 16)]
