@@ -32,8 +32,10 @@ CHECKPOINT_PREFIX = "step-"
 
 
 def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    state: dict[str, Any] | None = None) -> Path:
-    """Write ``model``, ``optimizer``, every rank's RNG state and the JSON-serialisable ``state`` to ``path``.
+                    state: dict[str, Any] | None = None,
+                    extra_models: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Write ``model``, ``optimizer``, every rank's RNG state and the JSON-serialisable ``state`` to ``path``;
+    each of ``extra_models`` (e.g. GDSO's frozen reference policy) goes to ``<name>.safetensors``.
 
     Collective under ``torch.distributed``: every rank must call it (rank 0 writes the shared files,
     each rank its own RNG file).
@@ -59,6 +61,9 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         model_tensors, aliases = _dedupe_tied(model_state)
         save_file(model_tensors, tmp / "model.safetensors")
         meta = {"world_size": world_size, "rng": rng_states, "aliases": aliases, "state": state or {}}
+        for name, extra in (extra_models or {}).items():
+            extra_tensors, meta.setdefault("extra_aliases", {})[name] = _dedupe_tied(extra.state_dict())
+            save_file(extra_tensors, tmp / f"{name}.safetensors")
         if optim_state is not None:
             optim_tensors, meta["optimizer"] = _split_optimizer_state(optim_state)
             save_file(optim_tensors, tmp / "optimizer.safetensors")
@@ -76,7 +81,7 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def load_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = True) -> dict[str, Any]:
+                    restore_rng: bool = True, extra_models: dict[str, torch.nn.Module] | None = None) -> dict[str, Any]:
     """Load what :func:`save_checkpoint` wrote into ``model`` / ``optimizer`` (in place), restore this rank's
     RNG states, and return the saved ``state`` dict. Raises ``ValueError`` when the world size changed and
     ``restore_rng`` is set (per-rank random streams cannot be remapped)."""
@@ -92,6 +97,11 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     else:
         optim_state = _join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"])
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
+    for name, extra in (extra_models or {}).items():
+        tensors = load_file(path / f"{name}.safetensors")
+        for alias, source in meta["extra_aliases"][name].items():
+            tensors[alias] = tensors[source]
+        extra.load_state_dict(tensors)
     if restore_rng:
         if meta["world_size"] != world_size:
             raise ValueError(f"checkpoint was written by {meta['world_size']} rank(s), this run has {world_size}; "

@@ -134,6 +134,34 @@ def all_gather_tensors(value: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (what DDP does at construction)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def all_reduce_gradients(model: torch.nn.Module) -> None:
+    """Average the gradients of the trainable parameters over ranks in one flat all-reduce.
+
+    The trainers use this instead of the DDP wrapper because they call into the model's submodules (hidden
+    states, the LM head's score rows) rather than through ``forward``, which DDP needs to see. A parameter
+    without a gradient on this rank counts as zero, so ranks that took different branches stay consistent.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
 def free_port() -> int:
     """An unused loopback TCP port, for ``MASTER_PORT`` in tests and single-node launches."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

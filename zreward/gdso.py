@@ -1,0 +1,447 @@
+"""Group-wise Direct Score Optimization (paper Sec. 3.1, Algorithm 1, Eq. 3-14).
+
+Loss pieces work on plain tensors, so they drop into any trainer:
+
+* :func:`token_logprobs` - per-token log-probs from hidden states x LM head, chunked over positions with
+  recomputation in backward: at most ``chunk_size x V`` logits exist at any time.
+* :func:`grpo_surrogate` - the clipped GRPO surrogate with the k3 KL to a reference (Eq. 4 as implemented by
+  TRL / Liger: ``-min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A) + beta k3``), aggregated per sequence
+  (``"sequence"``, GRPO) or over all tokens of the batch (``"token"``, DAPO / BNPO).
+* :func:`gdso_loss` - Eq. 14: the surrogate on Eq. 13 rewards + ``alpha_pt`` x Eq. 8 + ``alpha_pw`` x Eq. 11.
+
+:class:`GDSOTrainer` runs Algorithm 1 on a :class:`~zreward.scorer.RewardScorer` teacher.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import zr_kernels
+from zreward.checkpoint import load_checkpoint, save_checkpoint
+from zreward.distributed import (DistContext, all_reduce_gradients, all_reduce_mean, broadcast_parameters,
+                                 shard_indices, unwrap_model)
+
+AGGREGATIONS = ("sequence", "token")
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 256,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(hidden @ weight.T / temperature).gather(-1, targets)`` in fp32, ``[..., T]``.
+
+    ``hidden [..., T, D]`` (final-norm hidden states at the positions that predict ``targets [..., T]``),
+    ``weight [V, D]`` (the LM head). Positions are processed ``chunk_size`` at a time under activation
+    checkpointing, so neither forward nor backward ever holds more than one ``chunk_size x V`` logit block.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without D), "
+                         f"got {tuple(targets.shape)}")
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    chunks = []
+    for start in range(0, flat_hidden.shape[0], chunk_size):
+        h = flat_hidden[start:start + chunk_size]
+        t = flat_targets[start:start + chunk_size]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            chunks.append(checkpoint(_chunk_logprobs, h, weight, t, temperature, use_reentrant=False))
+        else:
+            chunks.append(_chunk_logprobs(h, weight, t, temperature))
+    if not chunks:
+        return hidden.new_zeros(targets.shape, dtype=torch.float32)
+    return torch.cat(chunks).view(targets.shape)
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    logits = (hidden @ weight.T).float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref) on samples of pi: ``exp(d) - d - 1`` with ``d = ref - logp``."""
+    delta = ref_logprobs - logprobs
+    return torch.exp(delta) - delta - 1.0
+
+
+class SurrogateStats(NamedTuple):
+    """Token-weighted diagnostics of one surrogate evaluation (detached scalars)."""
+
+    kl: torch.Tensor
+    clip_fraction: torch.Tensor
+
+
+def grpo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   mask: torch.Tensor, *, ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
+                   eps_low: float = 0.2, eps_high: float = 0.2,
+                   aggregation: str = "sequence") -> tuple[torch.Tensor, SurrogateStats]:
+    """Clipped GRPO surrogate with k3 KL, ``[N, T]`` per-token inputs, ``advantages [N]``, ``mask [N, T]``.
+
+    ``aggregation="sequence"``: mean over each sequence's tokens, then over sequences (GRPO);
+    ``"token"``: sum over all tokens / number of tokens in the batch (DAPO, Liger's ``bnpo``).
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs is required when beta > 0")
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    adv = advantages.unsqueeze(-1).to(logprobs.dtype)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    kl = k3_kl(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(logprobs)
+    if beta > 0:
+        per_token = per_token + beta * kl
+    tokens = mask.sum().clamp(min=1.0)
+    if aggregation == "sequence":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    else:
+        loss = (per_token * mask).sum() / tokens
+    with torch.no_grad():
+        was_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+        stats = SurrogateStats((kl * mask).sum() / tokens, (was_clipped.to(mask.dtype) * mask).sum() / tokens)
+    return loss, stats
+
+
+POLICY_BACKENDS = ("auto", "liger", "chunked")
+
+
+def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                advantages: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None, *,
+                beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2, aggregation: str = "sequence",
+                temperature: float = 1.0, chunk_size: int = 256,
+                backend: str = "auto") -> tuple[torch.Tensor, SurrogateStats]:
+    """:func:`grpo_surrogate` straight from hidden states ``[N, T, D]`` and the LM head ``weight [V, D]``.
+
+    ``backend="liger"``: Liger's ``LigerFusedLinearGRPOLoss`` (chunked fused linear + loss, compiled on
+    CUDA); ``"chunked"``: :func:`token_logprobs` + :func:`grpo_surrogate`; ``"auto"``: Liger for CUDA
+    tensors when it is installed, chunked otherwise. Both agree to rounding (tests/test_gdso.py).
+    """
+    if backend not in POLICY_BACKENDS:
+        raise ValueError(f"backend must be one of {POLICY_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "liger" if hidden.is_cuda and _liger_grpo() is not None else "chunked"
+    if backend == "chunked":
+        logprobs = token_logprobs(hidden, weight, targets, chunk_size=chunk_size, temperature=temperature)
+        return grpo_surrogate(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, beta=beta,
+                              eps_low=eps_low, eps_high=eps_high, aggregation=aggregation)
+    loss_class = _liger_grpo()
+    if loss_class is None:
+        raise ValueError("backend='liger' needs liger-kernel (pip install liger-kernel)")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    fused = loss_class(beta=beta, compiled=hidden.is_cuda, use_ref_model=beta > 0, epsilon_low=eps_low,
+                       epsilon_high=eps_high, temperature=temperature,
+                       loss_type="grpo" if aggregation == "sequence" else "bnpo")
+    loss, metrics = fused(hidden, weight, targets, mask, advantages, ref_per_token_logps=ref_logprobs,
+                          old_per_token_logps=old_logprobs)
+    kl = metrics[0].detach() if beta > 0 else loss.new_zeros(())
+    return loss, SurrogateStats(kl, metrics[-1].detach())
+
+
+def _liger_grpo():
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearGRPOLoss
+
+
+class GDSOLoss(NamedTuple):
+    """Eq. 14 (``loss``, differentiable) and its parts (detached), for logging."""
+
+    loss: torch.Tensor
+    policy: torch.Tensor
+    ce: torch.Tensor
+    pairwise: torch.Tensor
+    kl: torch.Tensor
+    clip_fraction: torch.Tensor
+
+
+@dataclass
+class GDSOConfig:
+    """Algorithm 1 and Eq. 13-14 hyperparameters (JSON-serialisable; stored in checkpoints)."""
+
+    group_size: int = 4            # G sampled reasoning outputs per candidate
+    pairs_per_batch: int = 4       # P (per rank)
+    iterations: int = 1            # N: the reference policy is refreshed at the start of each
+    steps_per_iteration: int = 10  # M batches per iteration
+    updates_per_batch: int = 1     # K_gdso optimizer updates on each batch of rollouts (pi_old fixed)
+    max_new_tokens: int = 16
+    sample_temperature: float = 1.0
+    lambda_pt: float = 0.5
+    lambda_pw: float = 0.5
+    alpha_pt: float = 1.0
+    alpha_pw: float = 1.0
+    beta: float = 0.04
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    aggregation: str = "sequence"
+    advantage_scale: str = "group"
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logprob_chunk: int = 256
+    policy_backend: str = "auto"
+    seed: int = 0
+
+
+def gdso_rewards_and_advantages(mu_w: torch.Tensor, mu_l: torch.Tensor, s_w: torch.Tensor, s_l: torch.Tensor,
+                                score_min: float, score_max: float, config: GDSOConfig,
+                                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 13 rewards and Eq. 3 advantages from the sampling policy's expected scores ``mu_w, mu_l [P, G]``.
+
+    Returns ``rewards, advantages`` as ``[P, 2, G]`` (side 0 = winner), detached; each (pair, side) is one
+    GRPO group of G outputs sampled for the same input ``x_j``.
+    """
+    r_w, r_l = zr_kernels.gdso_rewards(mu_w.detach(), mu_l.detach(), s_w, s_l, score_min, score_max,
+                                       config.lambda_pt, config.lambda_pw, backend=backend)
+    rewards = torch.stack([r_w, r_l], dim=1)
+    group_size = mu_w.shape[1]
+    advantages = zr_kernels.group_advantages(rewards.reshape(-1), group_size, scale=config.advantage_scale,
+                                             backend=backend)
+    return rewards, advantages.view_as(rewards)
+
+
+def gdso_loss(policy: torch.Tensor, policy_stats: SurrogateStats, mu: torch.Tensor, nll: torch.Tensor,
+              s_w: torch.Tensor, s_l: torch.Tensor, score_range: float, config: GDSOConfig,
+              backend: str | None = None) -> GDSOLoss:
+    """Eq. 14 for P pairs x 2 sides x G samples.
+
+    ``policy``, ``policy_stats``: the surrogate from :func:`grpo_surrogate` (log-probs) or :func:`policy_loss`
+    (hidden states) with the Eq. 3 advantages of :func:`gdso_rewards_and_advantages`; ``mu, nll [P, 2, G]``:
+    expected score and ``-log q(annotated bin)`` of each sampled output under the current policy (``mean`` and
+    ``nll`` of ``zr_kernels.score_distribution``); ``s_w, s_l [P]``: annotated scores; ``score_range`` =
+    ``S_max - S_min``.
+    """
+    ce = nll.mean()  # Eq. 8: 1/(2G) sum over both sides and all G samples, averaged over pairs
+    gap = zr_kernels.pairwise_gap(mu[:, 0], mu[:, 1], (s_w - s_l).float(), score_range, backend=backend)
+    pairwise = gap.loss.mean()
+    loss = policy + config.alpha_pt * ce + config.alpha_pw * pairwise
+    return GDSOLoss(loss, policy.detach(), ce.detach(), pairwise.detach(), policy_stats.kl,
+                    policy_stats.clip_fraction)
+
+
+def suppress_vision_tokens(model) -> None:
+    """Keep sampled reasoning free of image/video placeholder tokens (a sampled ``<|image_pad|>`` would no longer
+    match the image features when the rollout is re-encoded). Sets ``generation_config.suppress_tokens``."""
+    config = getattr(model, "get_base_model", lambda: model)().config
+    ids = {getattr(config, name, None) for name in
+           ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")} - {None}
+    existing = set(model.generation_config.suppress_tokens or [])
+    model.generation_config.suppress_tokens = sorted(existing | ids)
+
+
+class TrainerBase:
+    """What both trainers share: AdamW over the trainable parameters, rank-averaged gradients with clipping,
+    a resumable step counter and data order, and checkpoints through :mod:`zreward.checkpoint`."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, max_grad_norm: float, seed: int,
+                 ctx: DistContext | None):
+        self.ctx = ctx or DistContext(device=next(model.parameters()).device)
+        self.model = model
+        broadcast_parameters(model)
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                           weight_decay=weight_decay)
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+        self.state = {"step": 0, "epoch": 0, "position": 0}
+        self.history: list[dict[str, float]] = []
+
+    def _next_indices(self, num_items: int, per_step: int) -> list[int]:
+        """The next ``per_step`` of this rank's shard of the (seed, epoch) order; a new epoch when it runs out."""
+        order = shard_indices(num_items, self.ctx, self.seed, self.state["epoch"])
+        if len(order) < per_step:
+            raise ValueError(f"each rank needs at least {per_step} items per step, got {len(order)}")
+        if self.state["position"] + per_step > len(order):
+            self.state["epoch"] += 1
+            self.state["position"] = 0
+            order = shard_indices(num_items, self.ctx, self.seed, self.state["epoch"])
+        start = self.state["position"]
+        self.state["position"] += per_step
+        return order[start:start + per_step]
+
+    def _apply(self, loss: torch.Tensor) -> float:
+        """Backward, rank-average, clip, step; returns the pre-clip gradient norm."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        all_reduce_gradients(self.model)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        return float(norm)
+
+    def save(self, path, extra_models: dict | None = None):
+        state = {"trainer": self.state, "history": self.history, "config": asdict(self.config)}
+        return save_checkpoint(path, self.model, self.optimizer, state, extra_models=extra_models)
+
+    def load(self, path, extra_models: dict | None = None) -> None:
+        state = load_checkpoint(path, self.model, self.optimizer, extra_models=extra_models)
+        self.state, self.history = state["trainer"], state["history"]
+
+
+class GDSOTrainer(TrainerBase):
+    """Algorithm 1 on a teacher :class:`~zreward.scorer.RewardScorer`.
+
+    ``pairs``: a sequence of :class:`~zreward.synthetic.PreferencePair`-like records (``winner``, ``loser``,
+    ``dimension``, ``score_w``, ``score_l``) indexing ``data``, which provides ``images(indices)`` and
+    ``prompts(indices)``. Each batch holds P pairs of one dimension (the rubric is part of the prompt); the
+    reference policy is re-copied from the policy every ``steps_per_iteration`` steps and frozen.
+    """
+
+    def __init__(self, scorer, data, pairs, config: GDSOConfig | None = None, ctx: DistContext | None = None):
+        self.config = config = config or GDSOConfig()
+        if config.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {config.aggregation!r}")
+        super().__init__(scorer.model, config.lr, config.weight_decay, config.max_grad_norm, config.seed, ctx)
+        self.scorer, self.data = scorer, data
+        suppress_vision_tokens(scorer.model)
+        vocab = scorer.vocab
+        self.score_min, self.score_max = vocab.score_min, vocab.score_max
+        self.batches = _dimension_batches(pairs, config.pairs_per_batch, config.seed)
+        self.reference: torch.nn.Module | None = None
+
+    def train(self, num_steps: int | None = None, log=None) -> list[dict[str, float]]:
+        """Run until ``num_steps`` total steps (default ``iterations x steps_per_iteration``)."""
+        total = num_steps if num_steps is not None else self.config.iterations * self.config.steps_per_iteration
+        while self.state["step"] < total:
+            metrics = self.step()
+            if log is not None:
+                log(metrics)
+        return self.history
+
+    def step(self) -> dict[str, float]:
+        """One batch of Algorithm 1 (lines 5-19): sample G outputs per candidate with pi_old, compute Eq. 13
+        rewards and Eq. 3 advantages, then ``updates_per_batch`` minimisations of Eq. 14."""
+        cfg = self.config
+        if self.reference is None or self.state["step"] % cfg.steps_per_iteration == 0:
+            self.refresh_reference()
+        batch = [self.batches[i] for i in self._next_indices(len(self.batches), 1)][0]
+        dimension = batch[0].dimension
+        order = [index for pair in batch for index in (pair.winner, pair.loser)]
+        images = self.data.images(order).to(self.ctx.device)
+        prompts = self.data.prompts(order)
+        s_w = torch.tensor([p.score_w for p in batch], device=self.ctx.device)
+        s_l = torch.tensor([p.score_l for p in batch], device=self.ctx.device)
+        num_pairs, group = len(batch), cfg.group_size
+
+        self.model.eval()
+        rollouts = self.scorer.teacher_rollouts(images, prompts, dimension, group, cfg.max_new_tokens,
+                                                cfg.sample_temperature)
+        mu_old = rollouts.scores.mean.view(num_pairs, 2, group)
+        rewards, advantages = gdso_rewards_and_advantages(mu_old[:, 0], mu_old[:, 1], s_w, s_l, self.score_min,
+                                                          self.score_max, cfg)
+        positions, targets, mask = completion_layout(rollouts)
+        bins = self.scorer.vocab.bin_indices(torch.stack([s_w, s_l], 1).cpu()).to(self.ctx.device)
+        bins = bins.unsqueeze(-1).expand(num_pairs, 2, group).reshape(-1)
+        with torch.no_grad():
+            old_logprobs = self._logprobs(self.model, rollouts, positions, targets) if cfg.updates_per_batch > 1 \
+                else None
+            ref_logprobs = self._logprobs(self.reference, rollouts, positions, targets) if cfg.beta > 0 else None
+
+        self.model.train()
+        for _ in range(cfg.updates_per_batch):
+            hidden = self.scorer._hidden_states(self.model, _rollout_batch(rollouts), rollouts.pixel_values,
+                                                rollouts.image_grid_thw)
+            weight = self.scorer.lm_head_weight()
+            rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(-1)
+            token_hidden = hidden[rows, positions - 1]  # token t is predicted at position t - 1
+            old = old_logprobs if old_logprobs is not None else token_logprobs(
+                token_hidden.detach(), weight.detach(), targets, chunk_size=cfg.logprob_chunk)
+            policy, stats = policy_loss(
+                token_hidden, weight, targets, mask, advantages.reshape(-1), old, ref_logprobs, beta=cfg.beta,
+                eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
+                chunk_size=cfg.logprob_chunk, backend=cfg.policy_backend)
+            score_hidden = hidden[rows.squeeze(-1), rollouts.score_positions]
+            ids = torch.tensor(self.scorer.vocab.token_ids, device=hidden.device)
+            dist = zr_kernels.score_distribution(score_hidden @ weight[ids].T, list(range(len(ids))),
+                                                 self.scorer.vocab.values, target=bins)
+            out = gdso_loss(policy, stats, dist.mean.view(num_pairs, 2, group), dist.nll.view(num_pairs, 2, group),
+                            s_w, s_l, self.score_max - self.score_min, cfg)
+            grad_norm = self._apply(out.loss)
+        self.model.eval()
+        self.state["step"] += 1
+        metrics = {"step": self.state["step"], "loss": float(out.loss.detach()), "policy": float(out.policy),
+                   "ce": float(out.ce), "pairwise": float(out.pairwise), "kl": float(out.kl),
+                   "clip_fraction": float(out.clip_fraction), "reward": float(all_reduce_mean(rewards.mean())),
+                   "grad_norm": grad_norm, "completion_tokens": float(mask.sum(-1).mean())}
+        self.history.append(metrics)
+        return metrics
+
+    def refresh_reference(self) -> None:
+        """Algorithm 1 line 3: pi_ref <- pi_theta (a frozen copy; skipped when ``beta`` is 0)."""
+        if self.config.beta > 0:
+            self.reference = copy.deepcopy(unwrap_model(self.model)).eval().requires_grad_(False)
+        else:
+            self.reference = torch.nn.Identity()  # marks the iteration as started; never evaluated
+
+    def save(self, path):
+        extras = {"reference": self.reference} if self.config.beta > 0 and self.reference is not None else None
+        return super().save(path, extras)
+
+    def load(self, path) -> None:
+        if self.config.beta > 0:
+            self.reference = copy.deepcopy(unwrap_model(self.model)).eval().requires_grad_(False)
+        super().load(path, {"reference": self.reference} if self.config.beta > 0 else None)
+        if self.config.beta == 0:
+            self.reference = torch.nn.Identity()
+
+    def _logprobs(self, model, rollouts, positions, targets) -> torch.Tensor:
+        hidden = self.scorer._hidden_states(model, _rollout_batch(rollouts), rollouts.pixel_values,
+                                            rollouts.image_grid_thw)
+        rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(-1)
+        weight = getattr(model, "get_base_model", lambda: model)().get_output_embeddings().weight
+        return token_logprobs(hidden[rows, positions - 1], weight, targets, chunk_size=self.config.logprob_chunk)
+
+
+def completion_layout(rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compact ``[N, T]`` view of the sampled reasoning tokens (T = longest completion): their positions in
+    ``rollouts.input_ids``, the token ids and a mask. Padding slots point at position 1 and are masked out."""
+    completion = rollouts.completion_mask.bool()
+    lengths = completion.sum(1)
+    width = int(lengths.max()) if lengths.numel() else 0
+    slots = torch.arange(width, device=completion.device)
+    mask = slots.unsqueeze(0) < lengths.unsqueeze(1)
+    starts = completion.float().argmax(1)  # completions are contiguous, right after the prompt
+    positions = torch.where(mask, starts.unsqueeze(1) + slots, torch.ones_like(slots))
+    targets = rollouts.input_ids.gather(1, positions)
+    return positions, targets, mask.float()
+
+
+def teacher_expected_scores(scorer, images: torch.Tensor, prompts, dimensions, num_samples: int = 2,
+                            max_new_tokens: int = 16, batch_size: int = 16) -> torch.Tensor:
+    """Teacher score per image and dimension ``[B, D]``: the mean over ``num_samples`` reasoning rollouts of the
+    expected score decoded after each (Eq. 6)."""
+    suppress_vision_tokens(scorer.model)
+    columns = []
+    for dimension in dimensions:
+        parts = []
+        for start in range(0, images.shape[0], batch_size):
+            rollouts = scorer.teacher_rollouts(images[start:start + batch_size], prompts[start:start + batch_size],
+                                               dimension, num_samples, max_new_tokens)
+            parts.append(rollouts.scores.mean.mean(1))
+        columns.append(torch.cat(parts))
+    return torch.stack(columns, 1)
+
+
+def _rollout_batch(rollouts) -> dict:
+    return {"input_ids": rollouts.input_ids, "attention_mask": rollouts.attention_mask,
+            "mm_token_type_ids": rollouts.mm_token_type_ids}
+
+
+def _dimension_batches(pairs, pairs_per_batch: int, seed: int) -> list[list]:
+    """Fixed batches of ``pairs_per_batch`` same-dimension pairs drawn in a seeded order (the trainer then
+    shuffles the batch order every epoch)."""
+    by_dimension: dict[str, list] = {}
+    shuffled = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    for pair in (pairs[i] for i in shuffled):
+        by_dimension.setdefault(pair.dimension, []).append(pair)
+    batches = []
+    for members in by_dimension.values():
+        batches.extend(members[i:i + pairs_per_batch] for i in range(0, len(members) - pairs_per_batch + 1,
+                                                                        pairs_per_batch))
+    if not batches:
+        raise ValueError(f"pairs must hold at least pairs_per_batch={pairs_per_batch} pairs of one dimension")
+    return batches
