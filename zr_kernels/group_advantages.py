@@ -46,8 +46,9 @@ def group_advantages(rewards, group_size, scale="group", unbiased=True, eps=1e-6
         eps: added to the std, ``>= 0``.
         backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (default: env ``ZR_KERNELS_BACKEND`` or auto).
 
-    Returns fp32 advantages ``[N]`` that do not require grad. Bytes: reads ``N`` rewards (three passes per
-    group, two from cache), writes ``4N``; ``"batch"`` adds ``8·ceil(N / 4096)`` bytes of partials.
+    Returns fp32 advantages ``[N]`` that do not require grad. Bytes: reads ``N`` rewards (up to three passes
+    per group, the later ones from cache), writes ``4N``; ``"batch"`` reads them once more and adds
+    ``8·ceil(N / 4096)`` bytes of partials.
     """
     check_float_tensor("rewards", rewards, ndim=1)
     if isinstance(group_size, bool) or not isinstance(group_size, int):

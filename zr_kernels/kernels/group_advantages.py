@@ -1,9 +1,10 @@
 """Triton kernels for GRPO group-relative advantages (Eq. 3): centre each group, divide by a std.
 
-``scale="group"`` / ``"none"``: one launch reads the ``N`` rewards (three passes over each group, the
-second and third from cache) and writes ``N`` fp32 advantages. ``scale="batch"`` first writes per-block
-partial moments (count, shifted mean, M2) and the normalising launch combines them in a fixed order
-(Chan et al.), so the global std needs no host sync, no atomics and is deterministic.
+``scale="group"`` / ``"none"``: one launch reads the ``N`` rewards (passes over each group for the mean,
+the variance when needed and the output, the later ones from cache) and writes ``N`` fp32 advantages.
+``scale="batch"`` first writes per-block partial moments (shifted mean and M2 of each block of 4096 rewards)
+and the normalising launch combines them in a fixed order (Chan et al.), so the global std needs no host
+sync, no atomics and is deterministic.
 
 Every mean is taken relative to a shift (the first reward of the group, or of the batch): a constant
 group then has a mean equal to its members bit for bit, so its advantages are exactly 0.
