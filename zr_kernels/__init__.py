@@ -3,6 +3,7 @@ from zr_kernels import reference
 from zr_kernels._backend import BACKEND_ENV_VAR, trace_backends
 from zr_kernels._types import PairGap, ScoreDist
 from zr_kernels.group_advantages import group_advantages
+from zr_kernels.linear_score import ScoreHead, linear_score
 from zr_kernels.pairwise_gap import PairwiseGapLoss, gdso_rewards, pairwise_gap
 from zr_kernels.score_distribution import score_distribution
 from zr_kernels.slice_kl import SliceKLLoss, slice_kl
@@ -12,9 +13,11 @@ __all__ = [
     "PairGap",
     "PairwiseGapLoss",
     "ScoreDist",
+    "ScoreHead",
     "SliceKLLoss",
     "gdso_rewards",
     "group_advantages",
+    "linear_score",
     "pairwise_gap",
     "reference",
     "score_distribution",

@@ -1,0 +1,250 @@
+"""Triton kernels for the fused score head: ``hidden @ W[rows].T (+ bias)`` → K-way softmax → mean, std.
+
+Forward reads ``hidden [N, D]`` once and the K score rows of ``W`` (cached); it writes ``N·K + 2N``
+statistics. Backward turns the upstream gradients into ``grad_logits [N, K]`` (the score_distribution
+backward kernel), then ``grad_hidden = grad_logits @ W[rows]`` (reads W rows, writes ``N·D``) and
+``grad_W[rows] = grad_logits.T @ hidden`` (reads ``N·D``): each row split writes its own fp32 partial
+sums and a second kernel adds them in a fixed order, so the result is deterministic (no atomics).
+
+Score rows are ``W[k]`` (``HAS_IDS=False``) or ``W[ids[k]]``; an id outside ``[0, V)`` (possible only
+for unchecked CUDA ids) is never read: its logit is NaN and its gradient rows are not written.
+Compute is fp32 (fp64 for fp64 inputs, the type of the statistics buffers).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from zr_kernels._backend import interpreter_enabled
+from zr_kernels.kernels.score_distribution import score_distribution_bwd, stats_dtype
+
+BLOCK_ROWS = 16  # tl.dot needs every tile side >= 16
+BLOCK_D = 64
+ROWS_PER_SPLIT = 1024  # hidden rows per weight-gradient partial (a multiple of BLOCK_ROWS)
+
+
+def _block_bins(num_bins: int) -> int:
+    return max(16, triton.next_power_of_2(num_bins))
+
+
+def _dot_in_input_dtype(dtype: torch.dtype) -> bool:
+    """On a GPU, 16-bit tiles go to tensor cores as they are (products are exact in the fp32 accumulator);
+    fp32 stays IEEE fp32 (no TF32), and the interpreter always computes in the statistics type."""
+    return dtype in (torch.bfloat16, torch.float16) and not interpreter_enabled()
+
+
+@triton.jit
+def _score_rows(ids_ptr, bins, n_bins, n_weight_rows, HAS_IDS: tl.constexpr):
+    """Row of W for each bin and whether it may be read (a real bin with an in-range id)."""
+    bin_ok = bins < n_bins
+    if HAS_IDS:
+        w_rows = tl.load(ids_ptr + bins, mask=bin_ok, other=0).to(tl.int64)
+    else:
+        w_rows = bins.to(tl.int64)
+    return w_rows, bin_ok & (w_rows >= 0) & (w_rows < n_weight_rows)
+
+
+@triton.jit
+def _linear_score_fwd_kernel(
+    hidden_ptr, weight_ptr, ids_ptr, bias_ptr, values_ptr, probs_ptr, mean_ptr, std_ptr,
+    n_rows, dim, n_bins, n_weight_rows, stride_hn, stride_hd, stride_wr, stride_wd, stride_b, temperature,
+    HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    acc_type = probs_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    bins = tl.arange(0, BLOCK_BINS)
+    row_ok = rows < n_rows
+    bin_ok = bins < n_bins
+    rows64 = rows.to(tl.int64)
+    w_rows, w_ok = _score_rows(ids_ptr, bins, n_bins, n_weight_rows, HAS_IDS)
+
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_BINS), dtype=acc_type)
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < dim
+        h = tl.load(hidden_ptr + rows64[:, None] * stride_hn + cols[None, :] * stride_hd,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(weight_ptr + w_rows[:, None] * stride_wr + cols[None, :] * stride_wd,
+                    mask=w_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_IN_INPUT_DTYPE:
+            acc += tl.dot(h, tl.trans(w), out_dtype=acc_type)
+        else:
+            acc += tl.dot(h.to(acc_type), tl.trans(w.to(acc_type)), input_precision="ieee", out_dtype=acc_type)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + w_rows * stride_b, mask=w_ok, other=0.0).to(acc_type)[None, :]
+
+    ok = row_ok[:, None] & bin_ok[None, :]
+    z = tl.where(w_ok[None, :], acc / temperature, float("nan"))
+    z = tl.where(bin_ok[None, :], z, float("-inf"))
+    z_max = tl.max(z, axis=1)
+    e = tl.where(bin_ok[None, :], tl.exp(z - z_max[:, None]), 0.0)
+    p = e / tl.sum(e, axis=1)[:, None]
+    values = tl.load(values_ptr + bins, mask=bin_ok, other=0.0).to(acc_type)
+    mean = tl.sum(p * values[None, :], axis=1)
+    centered = tl.where(bin_ok[None, :], values[None, :] - mean[:, None], 0.0)
+    # Two-pass variance: a one-hot distribution gives exactly 0, never a tiny negative.
+    std = tl.sqrt(tl.sum(p * centered * centered, axis=1))
+    tl.store(probs_ptr + rows64[:, None] * n_bins + bins[None, :], p, mask=ok)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(std_ptr + rows, std, mask=row_ok)
+
+
+@triton.jit
+def _linear_score_grad_hidden_kernel(
+    grad_logits_ptr, weight_ptr, ids_ptr, grad_hidden_ptr,
+    n_rows, dim, n_bins, n_weight_rows, stride_wr, stride_wd,
+    HAS_IDS: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    acc_type = grad_logits_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    bins = tl.arange(0, BLOCK_BINS)
+    row_ok = rows < n_rows
+    col_ok = cols < dim
+    rows64 = rows.to(tl.int64)
+    w_rows, w_ok = _score_rows(ids_ptr, bins, n_bins, n_weight_rows, HAS_IDS)
+    g = tl.load(grad_logits_ptr + rows64[:, None] * n_bins + bins[None, :],
+                mask=row_ok[:, None] & (bins < n_bins)[None, :], other=0.0)
+    w = tl.load(weight_ptr + w_rows[:, None] * stride_wr + cols[None, :] * stride_wd,
+                mask=w_ok[:, None] & col_ok[None, :], other=0.0)
+    if DOT_IN_INPUT_DTYPE:
+        # fp32 grad_logits meet 16-bit W: both go in at W's precision, as eager PyTorch's backward does.
+        dh = tl.dot(g.to(w.dtype), w, out_dtype=acc_type)
+    else:
+        dh = tl.dot(g, w.to(acc_type), input_precision="ieee", out_dtype=acc_type)
+    tl.store(grad_hidden_ptr + rows64[:, None] * dim + cols[None, :],
+             dh.to(grad_hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _linear_score_weight_partials_kernel(
+    grad_logits_ptr, hidden_ptr, partial_w_ptr, partial_b_ptr,
+    n_rows, dim, n_bins, stride_hn, stride_hd, rows_per_split,
+    BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    acc_type = grad_logits_ptr.dtype.element_ty
+    pid_d = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    bins = tl.arange(0, BLOCK_BINS)
+    col_ok = cols < dim
+    bin_ok = bins < n_bins
+    acc = tl.zeros((BLOCK_BINS, BLOCK_D), dtype=acc_type)
+    acc_b = tl.zeros((BLOCK_BINS,), dtype=acc_type)
+    begin = split * rows_per_split
+    end = tl.minimum(begin + rows_per_split, n_rows)
+    for n0 in range(begin, end, BLOCK_ROWS):
+        rows = n0 + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < end
+        rows64 = rows.to(tl.int64)
+        g = tl.load(grad_logits_ptr + rows64[:, None] * n_bins + bins[None, :],
+                    mask=row_ok[:, None] & bin_ok[None, :], other=0.0)
+        h = tl.load(hidden_ptr + rows64[:, None] * stride_hn + cols[None, :] * stride_hd,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(acc_type)
+        acc += tl.dot(tl.trans(g), h, input_precision="ieee", out_dtype=acc_type)
+        acc_b += tl.sum(g, axis=0)
+    out = split.to(tl.int64) * n_bins * dim + bins[:, None] * dim + cols[None, :]
+    tl.store(partial_w_ptr + out, acc, mask=bin_ok[:, None] & col_ok[None, :])
+    if pid_d == 0:
+        tl.store(partial_b_ptr + split * n_bins + bins, acc_b, mask=bin_ok)
+
+
+@triton.jit
+def _linear_score_sum_partials_kernel(
+    partial_w_ptr, partial_b_ptr, ids_ptr, grad_weight_ptr, grad_bias_ptr,
+    n_splits, dim, n_bins, n_weight_rows,
+    HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    acc_type = partial_w_ptr.dtype.element_ty
+    pid_d = tl.program_id(0)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    bins = tl.arange(0, BLOCK_BINS)
+    bin_ok = bins < n_bins
+    col_ok = cols < dim
+    w_rows, w_ok = _score_rows(ids_ptr, bins, n_bins, n_weight_rows, HAS_IDS)
+    acc = tl.zeros((BLOCK_BINS, BLOCK_D), dtype=acc_type)
+    acc_b = tl.zeros((BLOCK_BINS,), dtype=acc_type)
+    for split in range(0, n_splits):  # fixed order: the same bits every run
+        base = split * n_bins * dim
+        acc += tl.load(partial_w_ptr + base + bins[:, None] * dim + cols[None, :],
+                       mask=bin_ok[:, None] & col_ok[None, :], other=0.0)
+        acc_b += tl.load(partial_b_ptr + split * n_bins + bins, mask=bin_ok, other=0.0)
+    tl.store(grad_weight_ptr + w_rows[:, None] * dim + cols[None, :],
+             acc.to(grad_weight_ptr.dtype.element_ty), mask=w_ok[:, None] & col_ok[None, :])
+    if HAS_BIAS:
+        if pid_d == 0:
+            tl.store(grad_bias_ptr + w_rows, acc_b.to(grad_bias_ptr.dtype.element_ty), mask=w_ok)
+
+
+def _ids_arg(ids: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    return ids if ids is not None else fallback
+
+
+def linear_score_fwd(hidden, weight, ids, bias, values, temperature: float):
+    """Launch the forward; ``hidden [N, D]``, ``weight [V or K, D]`` (any strides). Returns probs, mean, std."""
+    n_rows, dim = hidden.shape
+    n_bins = ids.numel() if ids is not None else weight.shape[0]
+    out = dict(device=hidden.device, dtype=stats_dtype(hidden.dtype))
+    probs = torch.empty(n_rows, n_bins, **out)
+    mean, std = torch.empty(n_rows, **out), torch.empty(n_rows, **out)
+    if n_rows:
+        _linear_score_fwd_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
+            hidden, weight, _ids_arg(ids, values), bias if bias is not None else values, values, probs, mean, std,
+            n_rows, dim, n_bins, weight.shape[0], hidden.stride(0), hidden.stride(1), weight.stride(0),
+            weight.stride(1), bias.stride(0) if bias is not None else 0, temperature,
+            HAS_IDS=ids is not None, HAS_BIAS=bias is not None, DOT_IN_INPUT_DTYPE=_dot_in_input_dtype(hidden.dtype),
+            BLOCK_ROWS=BLOCK_ROWS, BLOCK_BINS=_block_bins(n_bins), BLOCK_D=BLOCK_D,
+        )
+    return probs, mean, std
+
+
+def linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature: float):
+    """``grad_logits [N, K]`` (statistics dtype, divided by the temperature) from the upstream gradients."""
+    n_bins = probs.shape[1]
+    bins = torch.arange(n_bins, device=probs.device)
+    return score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_mean, probs, mean, std, None, bins, values,
+                                  temperature, n_bins, probs.dtype)
+
+
+def linear_score_grad_hidden(grad_logits, weight, ids, dim: int) -> torch.Tensor:
+    """``grad_logits @ W[rows]`` as a contiguous ``[N, D]`` tensor in W's dtype."""
+    n_rows, n_bins = grad_logits.shape
+    grad_hidden = torch.empty(n_rows, dim, device=grad_logits.device, dtype=weight.dtype)
+    if n_rows:
+        grid = (triton.cdiv(n_rows, BLOCK_ROWS), triton.cdiv(dim, BLOCK_D))
+        _linear_score_grad_hidden_kernel[grid](
+            grad_logits, weight, _ids_arg(ids, grad_logits), grad_hidden,
+            n_rows, dim, n_bins, weight.shape[0], weight.stride(0), weight.stride(1),
+            HAS_IDS=ids is not None, DOT_IN_INPUT_DTYPE=_dot_in_input_dtype(weight.dtype),
+            BLOCK_ROWS=BLOCK_ROWS, BLOCK_BINS=_block_bins(n_bins), BLOCK_D=BLOCK_D,
+        )
+    return grad_hidden
+
+
+def linear_score_grad_weight(grad_logits, hidden, ids, num_weight_rows: int, with_bias: bool):
+    """``grad_W`` (``[num_weight_rows, D]``, zero outside the score rows) and ``grad_bias`` (``[num_weight_rows]``,
+    or an empty tensor when ``with_bias`` is false), both contiguous in hidden's dtype."""
+    n_rows, n_bins = grad_logits.shape
+    dim = hidden.shape[1]
+    out = dict(device=hidden.device, dtype=hidden.dtype)
+    scattered = ids is not None
+    grad_weight = (torch.zeros if scattered else torch.empty)(num_weight_rows, dim, **out)
+    grad_bias = (torch.zeros if scattered else torch.empty)(num_weight_rows if with_bias else 0, **out)
+    splits = max(1, triton.cdiv(n_rows, ROWS_PER_SPLIT))
+    partial_w = torch.empty(splits, n_bins, dim, device=hidden.device, dtype=grad_logits.dtype)
+    partial_b = torch.empty(splits, n_bins, device=hidden.device, dtype=grad_logits.dtype)
+    block_bins = _block_bins(n_bins)
+    _linear_score_weight_partials_kernel[(triton.cdiv(dim, BLOCK_D), splits)](
+        grad_logits, hidden, partial_w, partial_b,
+        n_rows, dim, n_bins, hidden.stride(0), hidden.stride(1), ROWS_PER_SPLIT,
+        BLOCK_ROWS=BLOCK_ROWS, BLOCK_BINS=block_bins, BLOCK_D=BLOCK_D,
+    )
+    _linear_score_sum_partials_kernel[(triton.cdiv(dim, BLOCK_D),)](
+        partial_w, partial_b, _ids_arg(ids, partial_b), grad_weight, grad_bias if with_bias else partial_b,
+        splits, dim, n_bins, num_weight_rows,
+        HAS_IDS=scattered, HAS_BIAS=with_bias, BLOCK_BINS=block_bins, BLOCK_D=BLOCK_D,
+    )
+    return grad_weight, grad_bias
