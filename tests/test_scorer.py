@@ -5,7 +5,7 @@ import torch
 from zr_kernels import reference
 from zreward.rubric import DIMENSIONS
 from zreward.scorer import RewardScorer
-from zreward.tiny_models import tiny_qwen35
+from zreward.tiny_models import tiny_qwen3_vl, tiny_qwen35
 from zreward.vocab import ScoreVocab
 
 PROMPTS = ["a cat", "two red apples on a wooden table"]
@@ -28,10 +28,18 @@ def _full_logits_reference(scorer, batch, pixel_values, grid, positions):
     return reference.score_distribution(last, scorer.vocab.token_ids, scorer.vocab.values)
 
 
-def test_student_scores_equal_full_logits_reference(scorer):
+@pytest.fixture(scope="module")
+def qwen3_vl_scorer():
+    model, processor = tiny_qwen3_vl(seed=0)
+    return RewardScorer(model, processor, ScoreVocab.from_tokenizer(processor.tokenizer))
+
+
+@pytest.mark.parametrize("which", ["scorer", "qwen3_vl_scorer"])
+def test_student_scores_equal_full_logits_reference(which, request):
     from zreward.image_processing import preprocess_images
     from zreward.rubric import chat_prompt
 
+    scorer = request.getfixturevalue(which)
     images = _images()
     dist = scorer.student_scores(images, PROMPTS)
     assert dist.probs.shape == (2, 4, 9) and dist.mean.shape == dist.std.shape == (2, 4)
@@ -141,6 +149,7 @@ def test_cut_completion_at_written_answer_prefix(scorer):
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda s: s.student_scores(_images(), ["one prompt"]), ValueError, "one prompt per image"),
+    (lambda s: s.student_scores(torch.rand(2, 3, 64), PROMPTS), ValueError, "one prompt per image"),
     (lambda s: s.student_scores(_images(), "a cat"), TypeError, "sequence of strings"),
     (lambda s: s.student_scores(_images(), PROMPTS, ("sharpness",)), ValueError, "dimension must be one of"),
     (lambda s: s.student_scores(_images(), PROMPTS, temperature=0.0), ValueError, "temperature"),

@@ -105,3 +105,32 @@ def tiny_qwen35(seed: int = 0, vision_config: dict | None = None, **overrides):
     model.generation_config.pad_token_id = ids["endoftext"]
     model.generation_config.eos_token_id = [ids["im_end"], ids["endoftext"]]
     return model.eval(), processor
+
+
+def tiny_qwen3_vl(seed: int = 0):
+    """``(model, processor)``: a random-weight ``Qwen3VLForConditionalGeneration`` (hidden 32, two full-attention
+    layers, 2-block vision tower with one deepstack layer, patch 16) sharing the tiny tokenizer, in eval mode."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    processor = tiny_processor(16, 2)
+    ids = _special_ids(processor.tokenizer)
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=ids["endoftext"],
+            eos_token_id=ids["im_end"], bos_token_id=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                             "mrope_interleaved": True},
+        ),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=ids["image_pad"], video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = ids["endoftext"]
+    model.generation_config.eos_token_id = [ids["im_end"], ids["endoftext"]]
+    return model.eval(), processor
