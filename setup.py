@@ -103,7 +103,7 @@ setup(
     name="zreward",
     version="0.1.0",
     description="Fused GPU kernels and training layer for Z-Reward score-distribution reward models",
-    packages=find_packages(include=["zr_kernels", "zr_kernels.*", "zreward", "zreward.*"]),
+    packages=find_packages(include=["zr_kernels", "zr_kernels.*", "zreward", "zreward.*", "benchmarks"]),
     ext_modules=[CMakeExtension("zr_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",

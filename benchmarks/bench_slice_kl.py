@@ -82,8 +82,8 @@ def _case(rows: int, vocab: int, normalize: str, beta: float, config: Config, he
 
 def cases(config: Config) -> list:
     if config.smoke:
-        return [_case(8, 1000, "vocab", 0.0, config), _case(33, 1000, "vocab", 0.0, config, headline=True),
-                _case(33, 1000, "slice", 0.0, config), _case(8, 1000, "slice", 0.5, config)]
+        return [_case(8, 1000, "vocab", 0.0, config), _case(17, 1000, "vocab", 0.0, config, headline=True),
+                _case(8, 1000, "slice", 0.0, config), _case(8, 1000, "slice", 0.5, config)]
     vocab = 248_320
     return ([_case(rows, vocab, "vocab", 0.0, config, headline=rows == 8192) for rows in (1024, 4096, 8192)]
             + [_case(rows, vocab, "slice", 0.0, config) for rows in (1024, 8192)]

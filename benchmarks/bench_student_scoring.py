@@ -104,5 +104,5 @@ def _case(batch: int, size: int, config: Config, headline: bool) -> Case:
 
 def cases(config: Config) -> list:
     if config.smoke:
-        return [_case(2, 64, config, headline=True)]
+        return [_case(1, 32, config, headline=True)]
     return [_case(batch, 128, config, headline=batch == 8) for batch in (4, 8, 16)]
