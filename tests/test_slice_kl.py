@@ -225,6 +225,9 @@ def test_module_and_backends():
     with zr_kernels.trace_backends() as ran:
         slice_kl(logits, teacher, ids, backend="auto")
     assert ran == [("slice_kl", expected_backend)]
+    teacher.requires_grad_()  # used as given: no gradient flows to the teacher
+    slice_kl(logits, teacher, ids, backend="triton").backward()
+    assert teacher.grad is None and logits.grad is not None
     empty = slice_kl(logits[:0], teacher[:0], ids, reduction="none", backend="triton")
     assert empty.shape == (0,)
 

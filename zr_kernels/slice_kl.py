@@ -70,7 +70,7 @@ def slice_kl(student_logits, teacher_probs, token_ids, normalize="slice", beta=0
     Replaces (``normalize="slice"``, ``beta=0``, the RISD loss of Eq. 15)::
 
         log_q = (student_logits[:, token_ids].float() / temperature).log_softmax(-1)
-        loss = F.kl_div(log_q, teacher_probs, reduction=reduction)   # with 0·log 0 = 0 where p = 0
+        loss = F.kl_div(log_q, teacher_probs, reduction=reduction)   # 0·log 0 = 0 where p = 0; "none" sums K
 
     ``normalize="vocab"`` takes ``log_q = (student_logits.float() / temperature).log_softmax(-1)[:, token_ids]``
     instead, so probability mass the student puts off the score tokens is penalised. ``beta=1`` gives
