@@ -85,14 +85,18 @@ def test_gradients_reach_pixels_and_parameters(scorer):
     scorer.model.zero_grad()
 
 
-def test_student_scores_never_call_the_lm_head(scorer, monkeypatch):
+def test_student_scores_go_through_linear_score_not_the_lm_head(scorer):
+    import zr_kernels
+
     calls = []
     handle = scorer.model.lm_head.register_forward_hook(lambda *args: calls.append(1))
     try:
-        scorer.student_scores(_images(1), PROMPTS[:1])
+        with zr_kernels.trace_backends() as ran:
+            scorer.student_scores(_images(1), PROMPTS[:1])
     finally:
         handle.remove()
     assert calls == []
+    assert any(op == "linear_score" for op, _ in ran)
 
 
 def test_attention_implementations_agree():

@@ -71,9 +71,7 @@ class Rollouts:
 
 def _score_logits_distribution(hidden, weight, vocab: ScoreVocab, temperature: float) -> ScoreDist:
     """K-way score distribution of ``hidden [N, D]`` against the score rows of ``weight [V, D]``."""
-    ids = torch.tensor(vocab.token_ids, device=weight.device)
-    return zr_kernels.score_distribution(hidden @ weight[ids].T, list(range(len(ids))), vocab.values,
-                                         temperature=temperature)
+    return zr_kernels.linear_score(hidden, weight, vocab.values, token_ids=vocab.token_ids, temperature=temperature)
 
 
 class RewardScorer:
