@@ -20,7 +20,7 @@ from zr_kernels._backend import interpreter_enabled
 from zr_kernels.kernels.score_distribution import score_distribution_bwd, stats_dtype
 
 BLOCK_ROWS = 16  # tl.dot needs every tile side >= 16
-BLOCK_D = 64
+BLOCK_D = 128
 ROWS_PER_SPLIT = 1024  # hidden rows per weight-gradient partial (a multiple of BLOCK_ROWS)
 
 
