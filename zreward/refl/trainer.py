@@ -1,0 +1,140 @@
+"""ReFL trainer (paper Sec. 5.1, Eq. 20): maximise the aggregated student reward of the generator's samples.
+
+One step: pick the first gradient step in the last-K window, sample images (:mod:`zreward.refl.sampling`),
+score them for every dimension in one batched call of ``reward_fn(images, prompts) -> [B, D]``, aggregate to
+``R [B]`` and descend on ``-mean(R)``. Only the generator's LoRA (or all of its) parameters train; the VAE, the
+text encoder and the reward model are frozen and only pass the gradient on.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zreward.checkpoint import load_checkpoint, save_checkpoint
+from zreward.refl.adapters import FlowMatchAdapter
+from zreward.refl.aggregation import get_aggregator
+from zreward.refl.config import ReFLConfig
+from zreward.refl.sampling import pick_grad_start, sample_images
+
+RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
+
+
+def prepare_generator(adapter: FlowMatchAdapter, lora_rank: int, lora_alpha: float,
+                      transformer_checkpointing: bool = False) -> list[nn.Parameter]:
+    """Freeze everything but the generator's trainable parameters and return those.
+
+    ``lora_rank > 0`` adds a peft LoRA adapter on the attention projections (kept in fp32 whatever the base
+    dtype, so that AdamW updates are not rounded away); ``lora_rank = 0`` trains every generator parameter.
+    """
+    for module in adapter.frozen:
+        module.requires_grad_(False).eval()
+    generator = adapter.generator
+    if lora_rank > 0:
+        from peft import LoraConfig
+
+        generator.requires_grad_(False)
+        generator.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=True,
+                                         target_modules=list(adapter.lora_target_modules)))
+        for name, param in generator.named_parameters():
+            param.requires_grad_("lora_" in name)
+            if param.requires_grad:
+                param.data = param.data.float()
+    else:
+        generator.requires_grad_(True)
+    if transformer_checkpointing:
+        generator.enable_gradient_checkpointing()
+    return [p for p in generator.parameters() if p.requires_grad]
+
+
+class TrainableParameters(nn.Module):
+    """The trainable parameters of ``module`` under their own names (``.`` -> ``::``), sharing storage.
+
+    Checkpoints go through this view so that a LoRA run saves megabytes of adapter weights (and their optimizer
+    state), not the whole transformer.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                self.register_parameter(name.replace(".", "::"), param)
+
+
+class ReFLTrainer:
+    def __init__(self, adapter: FlowMatchAdapter, reward_fn: RewardFn, config: ReFLConfig):
+        self.adapter, self.reward_fn, self.config = adapter, reward_fn, config
+        self.aggregate = partial(get_aggregator(config.aggregation), weights=config.aggregation_weights,
+                                 **config.aggregation_kwargs())
+        self.params = prepare_generator(adapter, config.lora_rank, config.lora_alpha,
+                                            config.transformer_checkpointing)
+        self.trainable = TrainableParameters(adapter.generator)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.step = 0
+
+    def _sample(self, prompts: Sequence[str], grad_start: int, generator: torch.Generator) -> torch.Tensor:
+        c = self.config
+        return sample_images(self.adapter, prompts, height=c.height, width=c.width,
+                             num_inference_steps=c.num_inference_steps, grad_start=grad_start, generator=generator,
+                             gradient_checkpointing=c.gradient_checkpointing)
+
+    def _rewards(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        rewards = self.reward_fn(images, prompts)
+        expected = (len(prompts), len(self.config.dimensions))
+        if tuple(rewards.shape) != expected:
+            raise ValueError(f"reward_fn must return [batch, dimensions] = {expected}, got {tuple(rewards.shape)}")
+        return rewards.float()
+
+    def loss(self, prompts: Sequence[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(-mean_b R(p_b, I_b), per-dimension rewards [B, D] detached, first gradient step)``."""
+        c = self.config
+        grad_start = pick_grad_start(c.num_inference_steps, c.grad_steps, c.random_start, generator)
+        rewards = self._rewards(self._sample(prompts, grad_start, generator), prompts)
+        return -self.aggregate(rewards).mean(), rewards.detach(), grad_start
+
+    def train_step(self) -> dict:
+        """One optimiser step on a batch drawn from the training prompts; its randomness depends only on
+        ``(seed, step)``, so a resumed run continues exactly."""
+        c = self.config
+        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
+        prompts = c.train_prompts()
+        batch = [prompts[i] for i in torch.randint(len(prompts), (c.batch_size,), generator=generator).tolist()]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, rewards, grad_start = self.loss(batch, generator)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        means = rewards.mean(0).tolist()
+        return {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item(), "grad_start": grad_start,
+                "rewards": dict(zip(c.dimensions, means))}
+
+    @torch.no_grad()
+    def validate(self, prompts: Sequence[str] | None = None) -> dict[str, float]:
+        """Mean reward per dimension (and ``"aggregate"``) over ``prompts`` (default: the validation prompts),
+        sampled from the same noise at every call so that curves compare like with like."""
+        c = self.config
+        prompts = list(prompts if prompts is not None else c.validation_prompts())
+        generator = torch.Generator().manual_seed(c.seed)
+        rewards = torch.cat([
+            self._rewards(self._sample(chunk, c.num_inference_steps, generator), chunk)
+            for chunk in (prompts[i:i + c.batch_size] for i in range(0, len(prompts), c.batch_size))])
+        result = dict(zip(c.dimensions, rewards.mean(0).tolist()))
+        result["aggregate"] = self.aggregate(rewards).mean().item()
+        return result
+
+    def save(self, path) -> Path:
+        """Checkpoint (trainable weights, optimizer, step; ``zreward.checkpoint`` layout) plus, for LoRA, the
+        adapter in the pipeline's own LoRA format under ``<path>/lora``."""
+        path = save_checkpoint(path, self.trainable, self.optimizer,
+                               state={"step": self.step, "config": self.config.to_dict()})
+        if self.config.lora_rank > 0:
+            self.adapter.save_lora(path / "lora")
+        return path
+
+    def load(self, path) -> None:
+        self.step = int(load_checkpoint(path, self.trainable, self.optimizer)["step"])
