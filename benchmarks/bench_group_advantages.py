@@ -5,8 +5,6 @@ is launch-bound and the interesting number is the time against eager's handful o
 """
 from __future__ import annotations
 
-import torch
-
 import zr_kernels
 from benchmarks.harness import Case, Config, compile_provider, eager_provider, no_liger, randn, triton_provider
 from zr_kernels import reference
@@ -34,7 +32,7 @@ def _case(rows: int, group_size: int, config: Config, headline: bool) -> Case:
             compile_provider(_eager, config),
             no_liger("no standalone group-advantage op"),
         ],
-        bytes_moved=8 * rows, series=f"G={group_size}", x=rows, headline=headline,
+        bytes_moved=8 * rows, series=f"G={group_size}", x=rows, x_name="N (rewards)", headline=headline,
         params={"N": rows, "G": group_size, "dtype": "fp32"},
     )
 

@@ -50,7 +50,8 @@ def _gap_case(pairs: int, group_size: int, config: Config, headline: bool) -> Ca
             compile_provider(_gap_eager, config),
             no_liger("no pairwise-gap loss"),
         ],
-        grad=("mu_w", "mu_l"), series=f"pairwise_gap G={group_size}", x=pairs, headline=headline,
+        grad=("mu_w", "mu_l"), series=f"pairwise_gap G={group_size}", x=pairs, x_name="P (pairs)",
+        headline=headline,
         params={"P": pairs, "G": group_size, "dtype": "fp32"},
     )
 
@@ -69,7 +70,8 @@ def _rewards_case(pairs: int, group_size: int, config: Config) -> Case:
             compile_provider(_rewards_eager, config),
             no_liger("no GDSO reward op"),
         ],
-        series=f"gdso_rewards G={group_size}", x=pairs, params={"P": pairs, "G": group_size, "dtype": "fp32"},
+        series=f"gdso_rewards G={group_size}", x=pairs, x_name="P (pairs)",
+        params={"P": pairs, "G": group_size, "dtype": "fp32"},
     )
 
 

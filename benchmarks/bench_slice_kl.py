@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import zr_kernels
-from benchmarks.harness import (Case, Config, compile_provider, dtype_name, eager_provider, liger_provider, randn,
-                                triton_provider, Provider)
+from benchmarks.harness import (Case, Config, Provider, compile_provider, dtype_name, eager_provider, liger_provider,
+                                randn, triton_provider)
 from zr_kernels import reference
 
 OP = "slice_kl"

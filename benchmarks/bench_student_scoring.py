@@ -97,7 +97,8 @@ def _case(batch: int, size: int, config: Config, headline: bool) -> Case:
     return Case(
         op=OP, label=f"B={batch} x 4 dims, {size}px, D={width} V={vocab} {layers} layers", make_inputs=make_inputs,
         providers=[Provider("ours", _ours(scorer)), Provider("naive", _naive(model, processor, scorer))],
-        grad=("images",), series=f"D={width} {layers} layers", x=batch, headline=headline, items=batch,
+        grad=("images",), series=f"D={width} {layers} layers", x=batch, x_name="B (images)", headline=headline,
+        items=batch,
         baseline="naive", params={"B": batch, "image_size": size, "D": width, "V": vocab, "layers": layers},
     )
 

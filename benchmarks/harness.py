@@ -67,6 +67,7 @@ class Case:
     bytes_moved: Optional[int] = None
     series: str = ""
     x: Optional[int] = None
+    x_name: str = "N (rows)"
     headline: bool = False
     items: Optional[int] = None
     baseline: str = "eager"
@@ -192,9 +193,9 @@ def measure_case(case: Case, config: Config, copy_gbps: Optional[float]) -> list
     """One record (a flat dict) per provider of ``case``, with speedups against ``case.baseline``."""
     records = []
     for provider in case.providers:
-        record = {"op": case.op, "case": case.label, "series": case.series, "x": case.x,
-                  "headline": case.headline, "baseline": case.baseline, "params": case.params, "provider": provider.name,
-                  "status": "ok", "reason": None}
+        record = {"op": case.op, "case": case.label, "series": case.series, "x": case.x, "x_name": case.x_name,
+                  "headline": case.headline, "baseline": case.baseline, "params": case.params,
+                  "provider": provider.name, "status": "ok", "reason": None}
         if provider.skip is not None:
             record.update(status="skipped", reason=provider.skip)
         else:

@@ -166,8 +166,8 @@ def markdown(data: dict) -> str:
     if goals:
         lines += ["## Goals (headline shapes)", "", "| op | case | goal | target | measured | status |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {g['op']} | {g['case']} | {g['goal']} | {g['target']} | {g['measured'] or '–'} | {g['status']} |"
-                  for g in goals]
+        lines += ["| " + " | ".join([g["op"], g["case"], g["goal"], g["target"], g["measured"] or "–", g["status"]])
+                  + " |" for g in goals]
         lines.append("")
     for op, run in data["ops"].items():
         records = run["records"]
@@ -234,7 +234,8 @@ def plot(op: str, records: list, meta: dict, path: Path) -> bool:
         for provider in dict.fromkeys(r["provider"] for r in ok if r["series"] == name):
             points = sorted((r["x"], _main(r)) for r in ok if r["series"] == name and r["provider"] == provider)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
-        ax.set(xscale="log", yscale="log", xlabel="rows (sweep)", ylabel="ms (fwd+bwd, or fwd)", title=name)
+        x_name = next(r["x_name"] for r in ok if r["series"] == name)
+        ax.set(xscale="log", yscale="log", xlabel=x_name, ylabel="ms (fwd+bwd, or fwd)", title=name)
         ax.legend(fontsize=8)
     fig.suptitle(f"{op} on {meta['device_name']}")
     fig.tight_layout()
