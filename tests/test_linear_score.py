@@ -138,15 +138,16 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias), atol=1e-6, rtol=1e-5)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=gpu_only)])
+def test_opcheck(backend):
     hidden = strided_rows(5, 24, torch.float32)
     weight = torch.randn(30, 24, device=DEVICE)
     bias = torch.randn(30, device=DEVICE)
     ids = torch.tensor([3, 7, 11, 29], device=DEVICE)
     values = torch.tensor([1.0, 2.0, 3.0, 4.0], device=DEVICE)
     op = torch.ops.zr_kernels.linear_score.default
-    torch.library.opcheck(op, (hidden, weight, ids, bias, values, 1.0, "triton"))
-    torch.library.opcheck(op, (hidden, weight[:4], None, None, values, 0.5, "triton"))
+    torch.library.opcheck(op, (hidden, weight, ids, bias, values, 1.0, backend))
+    torch.library.opcheck(op, (hidden, weight[:4], None, None, values, 0.5, backend))
 
 
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=gpu_only)])
