@@ -80,7 +80,8 @@ def run(smoke: bool, reps: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, processor, scorer = _scorer(smoke, device.type)
-    rewards = {"fused": student_reward_fn(scorer, DIMENSIONS), "full_logits": _naive(model, processor, scorer)}
+    naive = _naive(model, processor, scorer)
+    rewards = {"fused": student_reward_fn(scorer, DIMENSIONS), "full_logits": lambda images, prompts: naive(images)}
     rows = []
     for checkpointing in (True, False):
         for scoring, reward_fn in rewards.items():

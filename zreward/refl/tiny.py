@@ -12,7 +12,7 @@ import torch
 from zreward.refl.adapters import require_diffusers
 
 
-def tiny_zimage_pipeline(seed: int = 0, dim: int = 32, text_dim: int = 32, latent_channels: int = 4):
+def tiny_zimage_pipeline(seed: int = 0, dim: int = 32, n_layers: int = 2, text_dim: int = 32, latent_channels: int = 4):
     """A ``ZImagePipeline`` with random weights: VAE downsampling 4x (images must be multiples of 8 pixels)."""
     diffusers = require_diffusers("ZImagePipeline")
     from transformers import Qwen3Config, Qwen3Model
@@ -25,10 +25,10 @@ def tiny_zimage_pipeline(seed: int = 0, dim: int = 32, text_dim: int = 32, laten
         text_encoder = Qwen3Model(Qwen3Config(
             vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512))
-        head_dim = dim // 2  # the rotary axes (frame, height, width) must add up to the head dim
+        head_dim, axis = dim // 2, 3 * dim // 16  # the rotary axes (frame, height, width) add up to the head dim
         transformer = diffusers.ZImageTransformer2DModel(
-            in_channels=latent_channels, dim=dim, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
-            cap_feat_dim=text_dim, axes_dims=[head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8],
+            in_channels=latent_channels, dim=dim, n_layers=n_layers, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+            cap_feat_dim=text_dim, axes_dims=[head_dim - 2 * axis, axis, axis],
             axes_lens=[512, 64, 64])
         vae = diffusers.AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
