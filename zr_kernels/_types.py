@@ -6,6 +6,14 @@ from typing import NamedTuple, Optional
 import torch
 
 
+def stats_dtype(*input_dtypes: torch.dtype) -> torch.dtype:
+    """Statistics are fp32 for fp32/bf16/fp16 inputs and fp64 when an input is fp64 (so gradcheck is meaningful)."""
+    dtype = torch.float32
+    for input_dtype in input_dtypes:
+        dtype = torch.promote_types(dtype, input_dtype)
+    return dtype
+
+
 class ScoreDist(NamedTuple):
     """A distribution over K score bins, per row: ``probs [..., K]``, ``mean``/``std``/``nll [...]`` (fp32)."""
 

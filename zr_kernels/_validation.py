@@ -98,3 +98,17 @@ def check_target(target, lead_shape: Sequence[int], num_bins: int, device: torch
         low, high = int(target.min()), int(target.max())
         if low < 0 or high >= num_bins:
             raise ValueError(f"target must hold bin indices in [0, {num_bins}), got range [{low}, {high}]")
+
+
+def as_values(values, num_bins: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Bin scores as a contiguous ``[K]`` tensor in the statistics dtype on ``device`` (treated as constants)."""
+    if not isinstance(values, torch.Tensor):
+        try:
+            values = torch.tensor([float(v) for v in values], dtype=dtype)
+        except (TypeError, ValueError):
+            raise TypeError("values must be a 1-D float tensor or a sequence of numbers") from None
+    elif not values.is_floating_point():
+        raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
+    if values.shape != (num_bins,):
+        raise ValueError(f"values must have shape ({num_bins},) (one score per token id), got {tuple(values.shape)}")
+    return values.detach().to(device=device, dtype=dtype).contiguous()

@@ -13,12 +13,10 @@ from torch import nn
 
 from zr_kernels import reference
 from zr_kernels._backend import note, resolve_backend
-from zr_kernels._types import ScoreDist
-from zr_kernels._validation import as_token_ids, check_float_tensor, check_positive_float, check_same_device
+from zr_kernels._types import ScoreDist, stats_dtype
+from zr_kernels._validation import as_token_ids, as_values, check_float_tensor, check_positive_float, check_same_device
 from zr_kernels.kernels import linear_score as triton_launchers
 from zr_kernels.kernels import linear_score_cuda as cuda_launchers
-from zr_kernels.kernels.score_distribution import stats_dtype
-from zr_kernels.score_distribution import _as_values
 
 MAX_SCORE_ROWS = 32
 _LAUNCHERS = {"triton": triton_launchers, "cuda": cuda_launchers}
@@ -146,7 +144,7 @@ def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=
     if not 1 <= num_bins <= MAX_SCORE_ROWS:
         what = "token_ids" if ids is not None else "weight"
         raise ValueError(f"{what}: linear_score takes 1 to {MAX_SCORE_ROWS} score rows (K), got K = {num_bins}")
-    values = _as_values(values, num_bins, hidden.device, stats_dtype(hidden.dtype))
+    values = as_values(values, num_bins, hidden.device, stats_dtype(hidden.dtype))
     if bias is not None:
         _check_bias(bias, hidden, weight.shape[0] if ids is not None else num_bins, ids is not None)
     temperature = check_positive_float("temperature", temperature)

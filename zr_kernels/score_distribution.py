@@ -7,9 +7,9 @@ import torch
 
 from zr_kernels import reference
 from zr_kernels._backend import note, resolve_backend
-from zr_kernels._types import ScoreDist
-from zr_kernels._validation import as_token_ids, check_float_tensor, check_positive_float, check_target
-from zr_kernels.kernels.score_distribution import score_distribution_bwd, score_distribution_fwd, stats_dtype
+from zr_kernels._types import ScoreDist, stats_dtype
+from zr_kernels._validation import as_token_ids, as_values, check_float_tensor, check_positive_float, check_target
+from zr_kernels.kernels.score_distribution import score_distribution_bwd, score_distribution_fwd
 
 
 @torch.library.custom_op("zr_kernels::score_distribution", mutates_args=())
@@ -102,7 +102,7 @@ def score_distribution(logits, token_ids, values, target=None, temperature=1.0, 
     """
     check_float_tensor("logits", logits, min_ndim=1)
     ids = as_token_ids(token_ids, logits.shape[-1], logits.device)
-    values = _as_values(values, ids.numel(), logits.device, stats_dtype(logits.dtype))
+    values = as_values(values, ids.numel(), logits.device, stats_dtype(logits.dtype))
     temperature = check_positive_float("temperature", temperature)
     lead_shape = logits.shape[:-1]
     if target is not None:
@@ -119,16 +119,3 @@ def score_distribution(logits, token_ids, values, target=None, temperature=1.0, 
         nll.view(lead_shape) if target is not None else None,
     )
 
-
-def _as_values(values, num_bins: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Bin scores as a contiguous ``[K]`` tensor in the statistics dtype on ``device`` (treated as constants)."""
-    if not isinstance(values, torch.Tensor):
-        try:
-            values = torch.tensor([float(v) for v in values], dtype=dtype)
-        except (TypeError, ValueError):
-            raise TypeError("values must be a 1-D float tensor or a sequence of numbers") from None
-    elif not values.is_floating_point():
-        raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
-    if values.shape != (num_bins,):
-        raise ValueError(f"values must have shape ({num_bins},) (one score per token id), got {tuple(values.shape)}")
-    return values.detach().to(device=device, dtype=dtype).contiguous()

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from zr_kernels._backend import interpreter_enabled
-from zr_kernels.kernels.score_distribution import score_distribution_bwd, stats_dtype
+from zr_kernels._types import stats_dtype
+from zr_kernels.kernels.score_distribution import score_distribution_bwd
 
 BLOCK_ROWS = 16  # tl.dot needs every tile side >= 16
 BLOCK_D = 128

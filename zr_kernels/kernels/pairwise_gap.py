@@ -17,13 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from zr_kernels._types import stats_dtype
+
 MAX_GROUP_SIZE = 4096
 _TILE = 4096
-
-
-def stats_dtype(mu_w_dtype: torch.dtype, mu_l_dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 inputs; fp64 when either input is fp64 (for gradcheck)."""
-    return torch.promote_types(torch.promote_types(mu_w_dtype, mu_l_dtype), torch.float32)
 
 
 def _blocks(group_size: int) -> tuple[int, int, int]:

@@ -12,10 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def stats_dtype(input_dtype: torch.dtype) -> torch.dtype:
-    """fp32 statistics for fp32/bf16/fp16 inputs; fp64 inputs keep fp64 (for gradcheck)."""
-    return torch.float64 if input_dtype == torch.float64 else torch.float32
+from zr_kernels._types import stats_dtype
 
 
 def _blocks(num_bins: int) -> tuple[int, int]:

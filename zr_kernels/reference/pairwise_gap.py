@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from zr_kernels._types import PairGap
-
-
-def _stats(mu_w: torch.Tensor, mu_l: torch.Tensor) -> torch.dtype:
-    """fp32, or fp64 when either input is fp64."""
-    return torch.promote_types(torch.promote_types(mu_w.dtype, mu_l.dtype), torch.float32)
+from zr_kernels._types import PairGap, stats_dtype
 
 
 def _gap_terms(mu_w: torch.Tensor, mu_l: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
     """``|d_ik| = |(mu_w[p, i] - mu_l[p, k]) - gap[p]|`` as ``[P, G, G]`` (torch.abs has sign(0) = 0)."""
-    stats = _stats(mu_w, mu_l)
+    stats = stats_dtype(mu_w.dtype, mu_l.dtype)
     diff = mu_w.to(stats)[:, :, None] - mu_l.to(stats)[:, None, :]
     return (diff - gap.detach().to(stats)[:, None, None]).abs()
 
@@ -34,7 +29,7 @@ def pairwise_gap(mu_w, mu_l, gap, score_range) -> PairGap:
 def gdso_rewards(mu_w, mu_l, s_w, s_l, score_min, score_max, lambda_pt, lambda_pw):
     """Eq. 13: ``lambda_pt`` · Eq. 7 + ``lambda_pw`` · Eq. 10 for each side, ``[P, G]``, detached."""
     score_range = score_max - score_min
-    stats = _stats(mu_w, mu_l)
+    stats = stats_dtype(mu_w.dtype, mu_l.dtype)
     s_w, s_l = s_w.detach().to(stats), s_l.detach().to(stats)
     _, pw_w, pw_l = pairwise_gap(mu_w.detach(), mu_l.detach(), s_w - s_l, score_range)
     pt_w = 1.0 - (mu_w.detach().to(stats) - s_w[:, None]).abs() / score_range

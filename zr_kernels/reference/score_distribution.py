@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from zr_kernels._types import ScoreDist
+from zr_kernels._types import ScoreDist, stats_dtype
 
 
 def safe_sqrt(var: torch.Tensor) -> torch.Tensor:
@@ -14,7 +14,7 @@ def safe_sqrt(var: torch.Tensor) -> torch.Tensor:
 
 def score_distribution(logits, token_ids, values, target=None, temperature=1.0) -> ScoreDist:
     """``softmax(logits[..., token_ids] / T)`` with its mean, std and ``-log p[target]``, in fp32 (fp64 for fp64)."""
-    stats = torch.promote_types(logits.dtype, torch.float32)
+    stats = stats_dtype(logits.dtype)
     values = torch.as_tensor(values, dtype=stats, device=logits.device).detach()
     ids = torch.as_tensor(token_ids, dtype=torch.int64, device=logits.device)
     z = logits[..., ids].to(stats) / temperature
