@@ -24,11 +24,12 @@ RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
 
 def prepare_generator(adapter: FlowMatchAdapter, lora_rank: int, lora_alpha: float,
-                      transformer_checkpointing: bool = False) -> list[nn.Parameter]:
+                      transformer_checkpointing: bool = False, seed: int = 0) -> list[nn.Parameter]:
     """Freeze everything but the generator's trainable parameters and return those.
 
     ``lora_rank > 0`` adds a peft LoRA adapter on the attention projections (kept in fp32 whatever the base
-    dtype, so that AdamW updates are not rounded away); ``lora_rank = 0`` trains every generator parameter.
+    dtype, so that AdamW updates are not rounded away), initialised from ``seed`` whatever the global RNG state;
+    ``lora_rank = 0`` trains every generator parameter.
     """
     for module in adapter.frozen:
         module.requires_grad_(False).eval()
@@ -37,8 +38,10 @@ def prepare_generator(adapter: FlowMatchAdapter, lora_rank: int, lora_alpha: flo
         from peft import LoraConfig
 
         generator.requires_grad_(False)
-        generator.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=True,
-                                         target_modules=list(adapter.lora_target_modules)))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            generator.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=True,
+                                             target_modules=list(adapter.lora_target_modules)))
         for name, param in generator.named_parameters():
             param.requires_grad_("lora_" in name)
             if param.requires_grad:
@@ -70,7 +73,7 @@ class ReFLTrainer:
         self.aggregate = partial(get_aggregator(config.aggregation), weights=config.aggregation_weights,
                                  **config.aggregation_kwargs())
         self.params = prepare_generator(adapter, config.lora_rank, config.lora_alpha,
-                                            config.transformer_checkpointing)
+                                        config.transformer_checkpointing, config.seed)
         self.trainable = TrainableParameters(adapter.generator)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
