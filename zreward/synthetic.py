@@ -11,6 +11,10 @@ cues a tiny ViT can pick up, each mapped onto its rubric:
 * aesthetics - contrast washed out towards flat grey by ``0.1 L`` (flat, unpleasant rendering);
 * plausibility - ``0.08 L`` of each object's 4x4 blocks are punched out (broken, impossible objects).
 
+With ``spread=None`` the four levels are drawn independently. With ``spread=s`` each image first draws one
+overall quality level and every dimension's level deviates from it by at most ``s``: real generations have
+correlated defects, and one shared cue is what lets a tiny random-init model learn within minutes.
+
 Everything is generated here from a seed (no files, no downloads); the same seed gives the same data.
 """
 from __future__ import annotations
@@ -65,7 +69,7 @@ class SyntheticPreferences:
     """``num_prompts`` prompts x ``candidates`` images each, with scores for every dimension."""
 
     def __init__(self, num_prompts: int, candidates: int = 3, image_size: int = 64, seed: int = 0,
-                 dimensions: tuple[str, ...] = DIMENSIONS):
+                 dimensions: tuple[str, ...] = DIMENSIONS, spread: int | None = None):
         if image_size % 32 or image_size < 32:
             raise ValueError(f"image_size must be a positive multiple of 32 (Qwen-VL patches x merge), got {image_size}")
         if candidates < 2:
@@ -79,7 +83,7 @@ class SyntheticPreferences:
             count = 1 + _randint(generator, len(COUNT_WORDS))
             prompt = f"{COUNT_WORDS[count - 1]} {colour} {shape}{'s' if count > 1 else ''}"
             for _ in range(candidates):
-                levels = {d: _randint(generator, MAX_LEVEL + 1) for d in self.dimensions}
+                levels = _levels(generator, self.dimensions, spread)
                 image = render(colour, shape, count, levels, image_size, generator)
                 self.items.append(Candidate(group, prompt, image, levels))
 
@@ -136,6 +140,13 @@ def render(colour: str, shape: str, count: int, levels: dict[str, int], size: in
     noise = 0.04 * levels.get("realism", 0)
     image = image + noise * torch.randn(image.shape, generator=generator)
     return image.clamp(0.0, 1.0)
+
+
+def _levels(generator: torch.Generator, dimensions, spread: int | None) -> dict[str, int]:
+    if spread is None:
+        return {d: _randint(generator, MAX_LEVEL + 1) for d in dimensions}
+    base = _randint(generator, MAX_LEVEL + 1)
+    return {d: min(MAX_LEVEL, max(0, base + _randint(generator, 2 * spread + 1) - spread)) for d in dimensions}
 
 
 def _shape_mask(shape: str, dy: torch.Tensor, dx: torch.Tensor, radius: float) -> torch.Tensor:
