@@ -123,3 +123,42 @@ def test_single_process_fallbacks():
 def test_uneven_shards_are_cut_to_equal_length():
     shards = [shard_indices(7, DistContext(rank=r, world_size=2), seed=0, epoch=0) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 3
+
+
+def _risd_worker(rank, port, out_dir):
+    from zreward.risd import RISDConfig, RISDTrainer, TeacherCache
+    from zreward.scorer import RewardScorer
+    from zreward.synthetic import SyntheticPreferences
+    from zreward.tiny_models import tiny_qwen35
+    from zreward.vocab import ScoreVocab
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    ctx = init_distributed(device="cpu")
+    try:
+        data = SyntheticPreferences(2, 2, 32, seed=0)
+        probs = torch.softmax(torch.randn(len(data), 1, 9, generator=torch.Generator().manual_seed(0)), -1)
+        cache = TeacherCache(probs, ("realism",), data.prompts(range(len(data))), {}, torch.linspace(1, 5, 9))
+        model, processor = tiny_qwen35(seed=rank, layer_types=["full_attention"] * 2)  # rank 0's weights win
+        student = RewardScorer(model, processor, ScoreVocab.from_tokenizer(processor.tokenizer))
+        trainer = RISDTrainer(student, data, cache, RISDConfig(batch_size=1, lr=1e-2), ctx=ctx)
+        seen = []
+        for _ in range(2):
+            seen.append(trainer._next_indices(len(data), 1)[0])
+            trainer.state["position"] -= 1
+            trainer.step()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"risd{rank}.st"))
+        with open(os.path.join(out_dir, f"risd{rank}.json"), "w") as f:
+            json.dump({"seen": seen, "history": trainer.history}, f)
+    finally:
+        shutdown_distributed()
+
+
+def test_risd_trainer_on_two_ranks(tmp_path):
+    mp.spawn(_risd_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    params = [load_file(tmp_path / f"risd{r}.st") for r in range(WORLD)]
+    reports = [json.loads((tmp_path / f"risd{r}.json").read_text()) for r in range(WORLD)]
+    for name in params[0]:
+        assert torch.equal(params[0][name], params[1][name]), name
+    assert set(reports[0]["seen"]).isdisjoint(reports[1]["seen"]), "ranks must train on different images"
+    assert reports[0]["history"][-1]["loss"] == reports[1]["history"][-1]["loss"], "logged loss is rank-averaged"

@@ -47,11 +47,11 @@ class DemoConfig:
     seed: int = 0
     device: str = "cpu"
     output_dir: str = "zreward-demo"
-    eval_teacher_samples: int = 1
+    eval_teacher_samples: int = 2
     gdso: GDSOConfig = field(default_factory=lambda: GDSOConfig(
-        group_size=2, pairs_per_batch=4, steps_per_iteration=10, updates_per_batch=1, max_new_tokens=4,
-        beta=0.02, lr=1e-2, alpha_pt=1.0, alpha_pw=1.0))
-    risd: RISDConfig = field(default_factory=lambda: RISDConfig(batch_size=8, lr=5e-3, teacher_max_new_tokens=4))
+        group_size=2, pairs_per_batch=4, steps_per_iteration=10, updates_per_batch=2, max_new_tokens=4,
+        beta=0.02, lr=3e-3, alpha_pt=1.0, alpha_pw=2.0))
+    risd: RISDConfig = field(default_factory=lambda: RISDConfig(batch_size=8, lr=1e-2, teacher_max_new_tokens=4))
 
 
 def add_parser(subparsers) -> None:
