@@ -1,7 +1,7 @@
 """``zreward`` command line: one subcommand per module, each module exposing ``add_parser(subparsers)``.
 
 A subcommand module registers its parser with ``set_defaults(run=callable)``; ``main`` calls it with the
-parsed arguments. Modules are imported lazily by name so ``zreward --help`` stays fast.
+parsed arguments.
 """
 from __future__ import annotations
 
@@ -16,13 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zreward", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:
-                raise
-            continue  # subcommand not part of this build yet
-        module.add_parser(subparsers)
+        importlib.import_module(name).add_parser(subparsers)
     return parser
 
 
