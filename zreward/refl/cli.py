@@ -3,7 +3,7 @@
 Writes under ``output_dir``: ``config.json`` (the resolved config), ``log.jsonl`` (one record per training step,
 ``"split": "train"``, and per validation, ``"split": "val"``, with the mean reward of every dimension),
 ``reward_curves.png`` (validation reward per dimension against steps, as the paper's Figure 5) and
-``checkpoints/step-XXXXXXXX`` (see :meth:`ReFLTrainer.save`). ``--resume`` continues from the latest checkpoint.
+``checkpoints/step-<N>`` (see :meth:`ReFLTrainer.save`). ``--resume`` continues from the latest checkpoint.
 """
 from __future__ import annotations
 
