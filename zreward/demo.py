@@ -37,7 +37,7 @@ STUDENT_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "layer_types": ["f
 
 @dataclass
 class DemoConfig:
-    steps: int = 150                # GDSO steps; RISD runs risd_steps_per_gdso_step x as many
+    steps: int = 250                # GDSO steps; RISD runs risd_steps_per_gdso_step x as many
     risd_steps_per_gdso_step: int = 2
     train_prompts: int = 24
     eval_prompts: int = 12
