@@ -13,6 +13,7 @@ Loss pieces work on plain tensors, so they drop into any trainer:
 """
 from __future__ import annotations
 
+import abc
 import copy
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -234,7 +235,7 @@ def suppress_vision_tokens(model) -> None:
     model.generation_config.suppress_tokens = sorted(existing | ids)
 
 
-class TrainerBase:
+class TrainerBase(abc.ABC):
     """What both trainers share: AdamW over the trainable parameters, rank-averaged gradients with clipping,
     a resumable step counter and data order, and checkpoints through :mod:`zreward.checkpoint`."""
 
@@ -273,6 +274,23 @@ class TrainerBase:
         self.optimizer.step()
         return float(norm)
 
+    @abc.abstractmethod
+    def default_steps(self) -> int:
+        """How many steps a full run takes, from the trainer's config."""
+
+    @abc.abstractmethod
+    def step(self) -> dict[str, float]:
+        """One optimisation step of the trainer's algorithm; returns its metrics."""
+
+    def train(self, num_steps: int | None = None, log=None) -> list[dict[str, float]]:
+        """Step until ``num_steps`` total steps (default: the config's full run), resuming from the saved count."""
+        total = num_steps if num_steps is not None else self.default_steps()
+        while self.state["step"] < total:
+            metrics = self.step()
+            if log is not None:
+                log(metrics)
+        return self.history
+
     def save(self, path, extra_models: dict | None = None):
         state = {"trainer": self.state, "history": self.history, "config": asdict(self.config)}
         return save_checkpoint(path, self.model, self.optimizer, state, extra_models=extra_models)
@@ -303,14 +321,8 @@ class GDSOTrainer(TrainerBase):
         self.batches = _dimension_batches(pairs, config.pairs_per_batch, config.seed)
         self.reference: torch.nn.Module | None = None
 
-    def train(self, num_steps: int | None = None, log=None) -> list[dict[str, float]]:
-        """Run until ``num_steps`` total steps (default ``iterations x steps_per_iteration``)."""
-        total = num_steps if num_steps is not None else self.config.iterations * self.config.steps_per_iteration
-        while self.state["step"] < total:
-            metrics = self.step()
-            if log is not None:
-                log(metrics)
-        return self.history
+    def default_steps(self) -> int:
+        return self.config.iterations * self.config.steps_per_iteration
 
     def step(self) -> dict[str, float]:
         """One batch of Algorithm 1 (lines 5-19): sample G outputs per candidate with pi_old, compute Eq. 13

@@ -119,13 +119,8 @@ class RISDTrainer(TrainerBase):
             raise ValueError(f"cache covers {len(cache.prompts)} items but data has {len(data)}")
         self.student, self.data, self.cache = student, data, cache
 
-    def train(self, num_steps: int | None = None, log=None) -> list[dict[str, float]]:
-        total = num_steps if num_steps is not None else self.config.steps
-        while self.state["step"] < total:
-            metrics = self.step()
-            if log is not None:
-                log(metrics)
-        return self.history
+    def default_steps(self) -> int:
+        return self.config.steps
 
     def step(self) -> dict[str, float]:
         indices = self._next_indices(len(self.data), self.config.batch_size)
