@@ -144,6 +144,19 @@ def test_teacher_rollouts(scorer):
     scorer.model.zero_grad()
 
 
+def test_teacher_rollouts_never_sample_vision_placeholders():
+    model, processor = tiny_qwen35(seed=3)
+    scorer = RewardScorer(model, processor, ScoreVocab.from_tokenizer(processor.tokenizer))
+    with torch.no_grad():  # make the image placeholder by far the likeliest next token
+        weight = scorer.lm_head_weight()
+        weight[scorer.image_token_id] = 50 * weight.abs().max()
+    rollouts = scorer.teacher_rollouts(_images(), PROMPTS, "realism", num_samples=2, max_new_tokens=5)
+    for i in range(rollouts.input_ids.shape[0]):
+        completion = rollouts.input_ids[i][rollouts.completion_mask[i].bool()]
+        assert not set(completion.tolist()) & set(scorer.vision_token_ids)
+    scorer.rollout_forward(rollouts)  # re-encoding must still match the image features
+
+
 def test_cut_completion_at_written_answer_prefix(scorer):
     prefix, stop = scorer.prefix_ids, scorer.stop_ids[0]
     assert scorer._cut_completion([5, 6, *prefix, 30, stop, 7]) == [5, 6]

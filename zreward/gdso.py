@@ -225,16 +225,6 @@ def gdso_loss(policy: torch.Tensor, policy_stats: SurrogateStats, mu: torch.Tens
                     policy_stats.clip_fraction)
 
 
-def suppress_vision_tokens(model) -> None:
-    """Keep sampled reasoning free of image/video placeholder tokens (a sampled ``<|image_pad|>`` would no longer
-    match the image features when the rollout is re-encoded). Sets ``generation_config.suppress_tokens``."""
-    config = getattr(model, "get_base_model", lambda: model)().config
-    ids = {getattr(config, name, None) for name in
-           ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")} - {None}
-    existing = set(model.generation_config.suppress_tokens or [])
-    model.generation_config.suppress_tokens = sorted(existing | ids)
-
-
 class TrainerBase(abc.ABC):
     """What both trainers share: AdamW over the trainable parameters, rank-averaged gradients with clipping,
     a resumable step counter and data order, and checkpoints through :mod:`zreward.checkpoint`."""
@@ -315,7 +305,6 @@ class GDSOTrainer(TrainerBase):
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {config.aggregation!r}")
         super().__init__(scorer.model, config.lr, config.weight_decay, config.max_grad_norm, config.seed, ctx)
         self.scorer, self.data = scorer, data
-        suppress_vision_tokens(scorer.model)
         vocab = scorer.vocab
         self.score_min, self.score_max = vocab.score_min, vocab.score_max
         self.batches = _dimension_batches(pairs, config.pairs_per_batch, config.seed)
@@ -426,7 +415,6 @@ def teacher_expected_scores(scorer, images: torch.Tensor, prompts, dimensions, n
                             max_new_tokens: int = 16, batch_size: int = 16) -> torch.Tensor:
     """Teacher score per image and dimension ``[B, D]``: the mean over ``num_samples`` reasoning rollouts of the
     expected score decoded after each (Eq. 6)."""
-    suppress_vision_tokens(scorer.model)
     columns = []
     for dimension in dimensions:
         parts = []

@@ -16,7 +16,7 @@ import torch
 import zr_kernels
 from zreward.checkpoint import save_tensors_atomic, write_json_atomic
 from zreward.distributed import DistContext, all_reduce_mean
-from zreward.gdso import TrainerBase, suppress_vision_tokens
+from zreward.gdso import TrainerBase
 from zreward.rubric import DIMENSIONS
 
 CACHE_TENSORS = "teacher_cache.safetensors"
@@ -55,7 +55,6 @@ class TeacherCache:
               temperature: float = 1.0, batch_size: int = 16) -> "TeacherCache":
         """Algorithm 2 line 6 for every item of ``data`` (``len``, ``images(indices)``, ``prompts(indices)``):
         ``num_samples`` reasoning rollouts of the ``teacher`` scorer per (item, dimension), q_T averaged."""
-        suppress_vision_tokens(teacher.model)
         teacher.model.eval()
         device = next(teacher.model.parameters()).device
         per_dimension, reasoning = [], {}

@@ -101,6 +101,10 @@ class RewardScorer:
             raise ValueError(f"vocab.token_ids must lie below the LM head's {vocab_rows} rows, got {vocab.token_ids}")
         self.prefix_ids = self.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
         self.stop_ids = _stop_ids(_base(model), self.tokenizer)
+        # A sampled image/video placeholder would no longer match the image features when the rollout is re-encoded.
+        config = _base(model).config
+        self.vision_token_ids = sorted({getattr(config, name, None) for name in (
+            "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")} - {None})
 
     # -- student ---------------------------------------------------------------------------------------------
     def student_scores(self, images: torch.Tensor, prompts: Sequence[str], dimensions: Sequence[str] = DIMENSIONS,
@@ -150,6 +154,7 @@ class RewardScorer:
             **prompts_batch, pixel_values=row_pixels, image_grid_thw=row_grid, do_sample=True,
             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids,
+            suppress_tokens=self.vision_token_ids,
         )[:, prompts_batch["input_ids"].shape[1]:]
         completions = [self._cut_completion(row) for row in generated.tolist()]
 
