@@ -99,12 +99,7 @@ def tiny_qwen35(seed: int = 0, vision_config: dict | None = None, **overrides):
         video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
         vision_end_token_id=ids["vision_end"],
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3_5ForConditionalGeneration(config)
-    model.generation_config.pad_token_id = ids["endoftext"]
-    model.generation_config.eos_token_id = [ids["im_end"], ids["endoftext"]]
-    return model.eval(), processor
+    return _seeded_model(Qwen3_5ForConditionalGeneration, config, seed, ids), processor
 
 
 def tiny_qwen3_vl(seed: int = 0):
@@ -128,9 +123,15 @@ def tiny_qwen3_vl(seed: int = 0):
         image_token_id=ids["image_pad"], video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
         vision_end_token_id=ids["vision_end"],
     )
+    return _seeded_model(Qwen3VLForConditionalGeneration, config, seed, ids), processor
+
+
+def _seeded_model(model_class, config, seed: int, ids: dict):
+    """``model_class(config)`` initialised from ``seed`` (without touching the global RNG), in eval mode, with
+    the tiny tokenizer's pad and stop tokens in its generation config."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config)
+        model = model_class(config)
     model.generation_config.pad_token_id = ids["endoftext"]
     model.generation_config.eos_token_id = [ids["im_end"], ids["endoftext"]]
-    return model.eval(), processor
+    return model.eval()
