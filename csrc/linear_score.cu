@@ -155,9 +155,13 @@ __global__ void __launch_bounds__(kThreads) grad_logits_kernel(int64_t n_rows, i
   const float p = bin ? probs[at] : 0.f;
   const float v = bin ? values[lane] : 0.f;
   const float centered = v - mean[n];
+  // A null upstream gradient is an unused output: it contributes nothing and is never read.
+  const float g_probs = (bin && grad_probs != nullptr) ? grad_probs[at] : 0.f;
+  const float g_mean = grad_mean != nullptr ? grad_mean[n] : 0.f;
+  const float g_std = grad_std != nullptr ? grad_std[n] : 0.f;
   // d std / d p_k = (v_k - mean)^2 / (2 std), taken as 0 where std == 0 (as the reference does).
-  const float std_scale = std[n] > 0.f ? grad_std[n] / (2.f * std[n]) : 0.f;
-  const float g = bin ? grad_probs[at] + grad_mean[n] * v + std_scale * centered * centered : 0.f;
+  const float std_scale = std[n] > 0.f ? g_std / (2.f * std[n]) : 0.f;
+  const float g = bin ? g_probs + g_mean * v + std_scale * centered * centered : 0.f;
   const float dot = warp_sum(p * g);
   if (bin) grad_logits[at] = p * (g - dot) / temperature;
 }
@@ -297,9 +301,24 @@ void check_sizes(int64_t n_rows, int64_t dim, int64_t k) {
   if (n_rows > (int64_t{1} << 40) || dim > (int64_t{1} << 31)) throw std::invalid_argument("hidden is too large");
 }
 
-void begin(const Launch& launch) {
-  check_cuda(cudaSetDevice(launch.device), "cudaSetDevice");
-}
+// Makes the launch's device current for one launcher call and restores the caller's device on the way out
+// (also when a check throws), the way a PyTorch device guard would, without a Python context manager.
+class DeviceScope {
+ public:
+  explicit DeviceScope(const Launch& launch) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != launch.device) check_cuda(cudaSetDevice(launch.device), "cudaSetDevice");
+  }
+  ~DeviceScope() {
+    int current = previous_;
+    if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 void finish(const char* what) { check_cuda(cudaGetLastError(), what); }
 
@@ -336,7 +355,7 @@ void linear_score_forward(DType dtype, const void* hidden, int64_t n_rows, int64
                           float* probs, float* mean, float* std, const Launch& launch) {
   check_sizes(n_rows, dim, rows.k);
   if (n_rows == 0) return;
-  begin(launch);
+  const DeviceScope scope(launch);
   dispatch(dtype, rows.k, [&](auto element, auto bucket) {
     using T = decltype(element);
     forward_kernel<T, decltype(bucket)::value><<<grid_for(n_rows, rows_per_block(rows.k)), kThreads, 0, launch.stream>>>(
@@ -351,7 +370,7 @@ void linear_score_grad_logits(int64_t n_rows, int64_t k, const float* grad_probs
                               const float* values, float temperature, float* grad_logits, const Launch& launch) {
   check_sizes(n_rows, 1, k);
   if (n_rows == 0) return;
-  begin(launch);
+  const DeviceScope scope(launch);
   grad_logits_kernel<<<grid_for(n_rows, kWarps), kThreads, 0, launch.stream>>>(
       n_rows, k, grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature, grad_logits);
   finish("linear_score_grad_logits");
@@ -361,7 +380,7 @@ void linear_score_grad_hidden(DType dtype, const float* grad_logits, int64_t n_r
                               const ScoreRows& rows, void* grad_hidden, const Launch& launch) {
   check_sizes(n_rows, dim, rows.k);
   if (n_rows == 0) return;
-  begin(launch);
+  const DeviceScope scope(launch);
   dispatch(dtype, rows.k, [&](auto element, auto bucket) {
     using T = decltype(element);
     grad_hidden_kernel<T, decltype(bucket)::value><<<grid_for(n_rows, rows_per_block(rows.k)), kThreads, 0, launch.stream>>>(
@@ -386,7 +405,7 @@ void linear_score_grad_weight(DType dtype, const float* grad_logits, const void*
                               const Launch& launch) {
   check_sizes(n_rows, dim, rows.k);
   if (splits < 1 || splits > 65535) throw std::invalid_argument("splits must lie in [1, 65535]");
-  begin(launch);
+  const DeviceScope scope(launch);
   const int64_t per_split = std::max<int64_t>(1, rows_per_split(n_rows, splits));
   const dim3 partial_grid(grid_for(dim, kThreads), static_cast<unsigned>(splits));
   const dim3 sum_grid(grid_for(dim, kThreads), static_cast<unsigned>(rows.k));

@@ -28,6 +28,8 @@ struct ScoreRows {
   int64_t k;
 };
 
+// Where a launch goes. Every launcher makes `device` current for its launches and restores the caller's
+// current device afterwards, so callers need no device guard of their own.
 struct Launch {
   int device;
   cudaStream_t stream;
@@ -39,7 +41,8 @@ void linear_score_forward(DType dtype, const void* hidden, int64_t n_rows, int64
                           float* probs, float* mean, float* std, const Launch& launch);
 
 // grad_logits [N, K] (fp32, contiguous, already divided by the temperature) from the upstream gradients
-// of probs [N, K], mean [N], std [N] (contiguous fp32) and the saved forward outputs.
+// of probs [N, K], mean [N], std [N] (contiguous fp32; a null pointer is an unused output, gradient 0)
+// and the saved forward outputs.
 void linear_score_grad_logits(int64_t n_rows, int64_t k, const float* grad_probs, const float* grad_mean,
                               const float* grad_std, const float* probs, const float* mean, const float* std,
                               const float* values, float temperature, float* grad_logits, const Launch& launch);

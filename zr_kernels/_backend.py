@@ -67,6 +67,26 @@ def _cuda_extension_available() -> bool:
     return True
 
 
+def run_fused(op, function: type[torch.autograd.Function], *args, needs_grad: bool):
+    """Run a fused op's forward through the cheapest route that keeps autograd and ``torch.compile`` working.
+
+    Traced by ``torch.compile``, the ``torch.library`` custom ``op`` goes into the graph (its fake and autograd
+    registrations are what the compiler needs). In eager mode, ``function`` (an ``autograd.Function`` built from
+    the same forward, context and backward) runs the launchers directly, without the custom op's Python
+    dispatch on every call; with no gradient to record, its forward runs bare.
+    """
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if needs_grad and torch.is_grad_enabled():
+        return function.apply(*args)
+    return function.forward(*args)
+
+
+def run_forward_only(op, forward, *args):
+    """``run_fused`` for ops without a gradient: the custom ``op`` when traced, else the bare ``forward``."""
+    return op(*args) if torch.compiler.is_compiling() else forward(*args)
+
+
 def note(op: str, backend: str) -> None:
     """Record that ``op`` ran on ``backend`` in every open ``trace_backends()`` block."""
     if torch.compiler.is_compiling():  # tracing is not running; the custom op body notes at run time

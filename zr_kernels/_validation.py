@@ -58,32 +58,67 @@ def check_choice(name: str, x, choices: Sequence[str]) -> str:
     return x
 
 
-def as_token_ids(token_ids, vocab_size: int, device: torch.device, name: str = "token_ids") -> torch.Tensor:
-    """Validate score-token ids and return them as an int64 tensor on ``device``.
+# Constant tensors built from Python sequences (or CPU tensors) of ids and bin values, per device and dtype.
+# Trainers pass the same score ids and values on every call: converting, checking and copying them to the GPU
+# once keeps the hot path free of host-to-device copies (each one a sync with pageable memory).
+_CONSTANTS: dict = {}
+_MAX_CONSTANTS = 256
 
-    Accepts a sequence of ints or a 1-D integer tensor. Range and uniqueness are checked on the host
-    when the ids are not already on a CUDA device (the usual case: they are constants of a vocabulary).
-    """
+
+def _cached_constant(key: tuple, make) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # traced code builds its constants in the graph, no global state
+        return make()
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.clear()
+        tensor = _CONSTANTS[key] = make()
+    return tensor
+
+
+def cached_arange(n: int, device: torch.device) -> torch.Tensor:
+    """``torch.arange(n, device=device)`` (int64), built once per size and device."""
+    return _cached_constant(("arange", n, device), lambda: torch.arange(n, device=device))
+
+
+def _host_ints(token_ids, name: str) -> tuple:
     if isinstance(token_ids, torch.Tensor):
-        if token_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an int64 (or int32) tensor, got {token_ids.dtype}")
-        ids = token_ids
-    elif isinstance(token_ids, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in token_ids):
-        ids = torch.tensor(list(token_ids), dtype=torch.int64)
-    else:
-        raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints")
-    if ids.dim() != 1:
-        raise ValueError(f"{name} must be 1-D [K], got shape {tuple(ids.shape)}")
-    k = ids.numel()
+        if token_ids.dim() != 1:
+            raise ValueError(f"{name} must be 1-D [K], got shape {tuple(token_ids.shape)}")
+        return tuple(token_ids.tolist())
+    if isinstance(token_ids, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in token_ids):
+        return tuple(token_ids)
+    raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints")
+
+
+def _check_num_ids(k: int, name: str) -> None:
     if not 1 <= k <= MAX_BINS:
         raise ValueError(f"{name} must hold between 1 and {MAX_BINS} ids, got {k}")
-    if ids.device.type != "cuda" and not torch.compiler.is_compiling():
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"{name} must lie in [0, {vocab_size}) (the vocabulary size), got range [{low}, {high}]")
-        if torch.unique(ids).numel() != k:
-            raise ValueError(f"{name} must be unique, got duplicates in {ids.tolist()}")
-    return ids.to(device=device, dtype=torch.int64, non_blocking=True)
+
+
+def as_token_ids(token_ids, vocab_size: int, device: torch.device, name: str = "token_ids") -> torch.Tensor:
+    """Validate score-token ids and return them as an int64 tensor on ``device`` (treat it as read-only).
+
+    Accepts a sequence of ints or a 1-D integer tensor. Range and uniqueness are checked on the host
+    when the ids are not already on a CUDA device (the usual case: they are constants of a vocabulary);
+    those are converted and copied to ``device`` once and reused on later calls with the same ids.
+    """
+    if isinstance(token_ids, torch.Tensor) and token_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 (or int32) tensor, got {token_ids.dtype}")
+    if isinstance(token_ids, torch.Tensor) and (token_ids.device.type == "cuda" or torch.compiler.is_compiling()):
+        # Already on the GPU (or traced): only metadata is checked, so there is no host sync.
+        if token_ids.dim() != 1:
+            raise ValueError(f"{name} must be 1-D [K], got shape {tuple(token_ids.shape)}")
+        _check_num_ids(token_ids.numel(), name)
+        return token_ids.to(device=device, dtype=torch.int64)
+    ids = _host_ints(token_ids, name)
+    _check_num_ids(len(ids), name)
+    low, high = min(ids), max(ids)
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name} must lie in [0, {vocab_size}) (the vocabulary size), got range [{low}, {high}]")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{name} must be unique, got duplicates in {list(ids)}")
+    return _cached_constant(("ids", ids, device), lambda: torch.tensor(ids, dtype=torch.int64, device=device))
 
 
 def check_target(target, lead_shape: Sequence[int], num_bins: int, device: torch.device) -> None:
@@ -101,14 +136,25 @@ def check_target(target, lead_shape: Sequence[int], num_bins: int, device: torch
 
 
 def as_values(values, num_bins: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Bin scores as a contiguous ``[K]`` tensor in the statistics dtype on ``device`` (treated as constants)."""
-    if not isinstance(values, torch.Tensor):
+    """Bin scores as a contiguous ``[K]`` tensor in the statistics dtype on ``device`` (treated as constants).
+
+    A tensor already on ``device`` is used as it is (cast if needed); a sequence or a tensor on another device
+    (a CPU tensor of constants, typically) is converted and copied once and reused on later calls.
+    """
+    if isinstance(values, torch.Tensor):
+        if not values.is_floating_point():
+            raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
+        if values.shape != (num_bins,):
+            raise ValueError(f"values must have shape ({num_bins},) (one score per token id), got {tuple(values.shape)}")
+        if values.device == device or torch.compiler.is_compiling():
+            return values.detach().to(device=device, dtype=dtype).contiguous()
+        scores = tuple(values.tolist())
+    else:
         try:
-            values = torch.tensor([float(v) for v in values], dtype=dtype)
+            scores = tuple(float(v) for v in values)
         except (TypeError, ValueError):
             raise TypeError("values must be a 1-D float tensor or a sequence of numbers") from None
-    elif not values.is_floating_point():
-        raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
-    if values.shape != (num_bins,):
-        raise ValueError(f"values must have shape ({num_bins},) (one score per token id), got {tuple(values.shape)}")
-    return values.detach().to(device=device, dtype=dtype).contiguous()
+        if len(scores) != num_bins:
+            raise ValueError(f"values must have shape ({num_bins},) (one score per token id), got ({len(scores)},)")
+    return _cached_constant(("values", scores, device, dtype),
+                            lambda: torch.tensor(scores, dtype=dtype, device=device))

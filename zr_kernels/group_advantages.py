@@ -6,16 +6,17 @@ import math
 import torch
 
 from zr_kernels import reference
-from zr_kernels._backend import note, resolve_backend
+from zr_kernels._backend import note, resolve_backend, run_forward_only
 from zr_kernels._validation import check_choice, check_float_in, check_float_tensor
 from zr_kernels.kernels.group_advantages import SCALES, group_advantages_fwd
 
 
-@torch.library.custom_op("zr_kernels::group_advantages", mutates_args=())
-def _group_advantages_op(rewards: torch.Tensor, group_size: int, scale: str, unbiased: bool,
-                         eps: float) -> torch.Tensor:
+def _group_advantages(rewards: torch.Tensor, group_size: int, scale: str, unbiased: bool, eps: float) -> torch.Tensor:
     note("group_advantages", "triton")
     return group_advantages_fwd(rewards, group_size, scale, unbiased, eps)
+
+
+_group_advantages_op = torch.library.custom_op("zr_kernels::group_advantages", _group_advantages, mutates_args=())
 
 
 @_group_advantages_op.register_fake
@@ -66,4 +67,5 @@ def group_advantages(rewards, group_size, scale="group", unbiased=True, eps=1e-6
         note("group_advantages", "reference")
         return reference.group_advantages(rewards, group_size, scale, unbiased, eps)
     # The advantages are constants of the policy-gradient loss: never part of the autograd graph.
-    return _group_advantages_op(rewards.detach(), group_size, scale, unbiased, eps)
+    return run_forward_only(_group_advantages_op, _group_advantages, rewards.detach(), group_size, scale, unbiased,
+                            eps)

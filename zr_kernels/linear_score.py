@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from zr_kernels import reference
-from zr_kernels._backend import note, resolve_backend
+from zr_kernels._backend import note, resolve_backend, run_fused
 from zr_kernels._types import ScoreDist, stats_dtype
 from zr_kernels._validation import as_token_ids, as_values, check_float_tensor, check_positive_float, check_same_device
 from zr_kernels.kernels import linear_score as triton_launchers
@@ -22,13 +22,27 @@ MAX_SCORE_ROWS = 32
 _LAUNCHERS = {"triton": triton_launchers, "cuda": cuda_launchers}
 
 
-@torch.library.custom_op("zr_kernels::linear_score", mutates_args=())
-def _linear_score_op(
-    hidden: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    values: torch.Tensor, temperature: float, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+             values: torch.Tensor, temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     note("linear_score", backend)
     return _LAUNCHERS[backend].linear_score_fwd(hidden, weight, ids, bias, values, temperature)
+
+
+def _launch_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature, backend):
+    note("linear_score.backward", backend)
+    return _LAUNCHERS[backend].linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values,
+                                                        temperature)
+
+
+def _launch_grad_hidden(grad_logits, weight, ids, dim, backend):
+    return _LAUNCHERS[backend].linear_score_grad_hidden(grad_logits, weight, ids, dim)
+
+
+def _launch_grad_weight(grad_logits, hidden, ids, num_weight_rows, with_bias, backend):
+    return _LAUNCHERS[backend].linear_score_grad_weight(grad_logits, hidden, ids, num_weight_rows, with_bias)
+
+
+_linear_score_op = torch.library.custom_op("zr_kernels::linear_score", _forward, mutates_args=())
 
 
 @_linear_score_op.register_fake
@@ -40,12 +54,10 @@ def _(hidden, weight, ids, bias, values, temperature, backend):
 
 @torch.library.custom_op("zr_kernels::linear_score_grad_logits", mutates_args=())
 def _grad_logits_op(
-    grad_probs: torch.Tensor, grad_mean: torch.Tensor, grad_std: torch.Tensor, probs: torch.Tensor,
-    mean: torch.Tensor, std: torch.Tensor, values: torch.Tensor, temperature: float, backend: str,
+    grad_probs: Optional[torch.Tensor], grad_mean: Optional[torch.Tensor], grad_std: Optional[torch.Tensor],
+    probs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, values: torch.Tensor, temperature: float, backend: str,
 ) -> torch.Tensor:
-    note("linear_score.backward", backend)
-    return _LAUNCHERS[backend].linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values,
-                                                        temperature)
+    return _launch_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature, backend)
 
 
 @_grad_logits_op.register_fake
@@ -56,7 +68,7 @@ def _(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature, ba
 @torch.library.custom_op("zr_kernels::linear_score_grad_hidden", mutates_args=())
 def _grad_hidden_op(grad_logits: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor], dim: int,
                     backend: str) -> torch.Tensor:
-    return _LAUNCHERS[backend].linear_score_grad_hidden(grad_logits, weight, ids, dim)
+    return _launch_grad_hidden(grad_logits, weight, ids, dim, backend)
 
 
 @_grad_hidden_op.register_fake
@@ -67,7 +79,7 @@ def _(grad_logits, weight, ids, dim, backend):
 @torch.library.custom_op("zr_kernels::linear_score_grad_weight", mutates_args=())
 def _grad_weight_op(grad_logits: torch.Tensor, hidden: torch.Tensor, ids: Optional[torch.Tensor],
                     num_weight_rows: int, with_bias: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _LAUNCHERS[backend].linear_score_grad_weight(grad_logits, hidden, ids, num_weight_rows, with_bias)
+    return _launch_grad_weight(grad_logits, hidden, ids, num_weight_rows, with_bias, backend)
 
 
 @_grad_weight_op.register_fake
@@ -81,25 +93,38 @@ def _setup_context(ctx, inputs, output):
     probs, mean, std = output
     ctx.save_for_backward(hidden, weight, ids, probs, mean, std, values)
     ctx.temperature, ctx.backend, ctx.has_bias = temperature, backend, bias is not None
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros allocated or read
 
 
-def _backward(ctx, grad_probs, grad_mean, grad_std):
-    hidden, weight, ids, probs, mean, std, values = ctx.saved_tensors
-    need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
-    upstream = (g.to(probs.dtype).contiguous() for g in (grad_probs, grad_mean, grad_std))
-    grad_logits = _grad_logits_op(*upstream, probs, mean, std, values, ctx.temperature, ctx.backend)
-    grad_hidden = grad_weight = grad_bias = None
-    if need_hidden:
-        grad_hidden = _grad_hidden_op(grad_logits, weight, ids, hidden.shape[1], ctx.backend)
-    if need_weight or (ctx.has_bias and need_bias):
-        with_bias = ctx.has_bias and need_bias
-        grad_weight, grad_bias = _grad_weight_op(grad_logits, hidden, ids, weight.shape[0], with_bias, ctx.backend)
-        grad_weight = grad_weight if need_weight else None
-        grad_bias = grad_bias if with_bias else None
-    return grad_hidden, grad_weight, None, grad_bias, None, None, None
+def _backward_with(grad_logits_fn, grad_hidden_fn, grad_weight_fn):
+    """The backward formula, launching through the custom ops (compiled graphs) or the launchers (eager)."""
+    def backward(ctx, grad_probs, grad_mean, grad_std):
+        hidden, weight, ids, probs, mean, std, values = ctx.saved_tensors
+        need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+        upstream = (None if g is None else g.to(probs.dtype).contiguous() for g in (grad_probs, grad_mean, grad_std))
+        grad_logits = grad_logits_fn(*upstream, probs, mean, std, values, ctx.temperature, ctx.backend)
+        grad_hidden = grad_weight = grad_bias = None
+        if need_hidden:
+            grad_hidden = grad_hidden_fn(grad_logits, weight, ids, hidden.shape[1], ctx.backend)
+        if need_weight or (ctx.has_bias and need_bias):
+            with_bias = ctx.has_bias and need_bias
+            grad_weight, grad_bias = grad_weight_fn(grad_logits, hidden, ids, weight.shape[0], with_bias, ctx.backend)
+            grad_weight = grad_weight if need_weight else None
+            grad_bias = grad_bias if with_bias else None
+        return grad_hidden, grad_weight, None, grad_bias, None, None, None
+    return backward
 
 
-_linear_score_op.register_autograd(_backward, setup_context=_setup_context)
+_linear_score_op.register_autograd(_backward_with(_grad_logits_op, _grad_hidden_op, _grad_weight_op),
+                                   setup_context=_setup_context)
+
+
+class _LinearScore(torch.autograd.Function):
+    """The eager route: the custom op's forward, context and backward, launched directly."""
+
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward_with(_launch_grad_logits, _launch_grad_hidden, _launch_grad_weight))
 
 
 def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=1.0, *, backend=None) -> ScoreDist:
@@ -156,7 +181,9 @@ def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=
     if chosen == "reference":
         note("linear_score", "reference")
         return reference.linear_score(hidden, weight, values, ids, bias, temperature)
-    probs, mean, std = _linear_score_op(hidden, weight, ids, bias, values, temperature, chosen)
+    needs_grad = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    probs, mean, std = run_fused(_linear_score_op, _LinearScore, hidden, weight, ids, bias, values, temperature, chosen,
+                                 needs_grad=needs_grad)
     return ScoreDist(probs, mean, std, None)
 
 

@@ -6,18 +6,25 @@ import math
 import torch
 
 from zr_kernels import reference
-from zr_kernels._backend import note, resolve_backend
+from zr_kernels._backend import note, resolve_backend, run_forward_only, run_fused
 from zr_kernels._types import PairGap, stats_dtype
 from zr_kernels._validation import (check_choice, check_float_in, check_float_tensor, check_positive_float,
                                     check_same_device, check_shape)
 from zr_kernels.kernels.pairwise_gap import MAX_GROUP_SIZE, gdso_rewards_fwd, pairwise_gap_bwd, pairwise_gap_fwd
 
 
-@torch.library.custom_op("zr_kernels::pairwise_gap", mutates_args=())
-def _pairwise_gap_op(mu_w: torch.Tensor, mu_l: torch.Tensor, gap: torch.Tensor,
-                     score_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(mu_w: torch.Tensor, mu_l: torch.Tensor, gap: torch.Tensor,
+             score_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     note("pairwise_gap", "triton")
     return pairwise_gap_fwd(mu_w, mu_l, gap, score_range)
+
+
+def _launch_backward(grad_loss, mu_w, mu_l, gap, score_range):
+    note("pairwise_gap.backward", "triton")
+    return pairwise_gap_bwd(grad_loss, mu_w, mu_l, gap, score_range)
+
+
+_pairwise_gap_op = torch.library.custom_op("zr_kernels::pairwise_gap", _forward, mutates_args=())
 
 
 @_pairwise_gap_op.register_fake
@@ -30,8 +37,7 @@ def _(mu_w, mu_l, gap, score_range):
 @torch.library.custom_op("zr_kernels::pairwise_gap_backward", mutates_args=())
 def _pairwise_gap_backward_op(grad_loss: torch.Tensor, mu_w: torch.Tensor, mu_l: torch.Tensor, gap: torch.Tensor,
                               score_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    note("pairwise_gap.backward", "triton")
-    return pairwise_gap_bwd(grad_loss, mu_w, mu_l, gap, score_range)
+    return _launch_backward(grad_loss, mu_w, mu_l, gap, score_range)
 
 
 @_pairwise_gap_backward_op.register_fake
@@ -45,23 +51,39 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(reward_w, reward_l)
     ctx.save_for_backward(mu_w, mu_l, gap)
     ctx.score_range = score_range
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, grad_reward_w, grad_reward_l):
-    mu_w, mu_l, gap = ctx.saved_tensors
-    grad_loss = grad_loss.to(stats_dtype(mu_w.dtype, mu_l.dtype)).contiguous()
-    grad_w, grad_l = _pairwise_gap_backward_op(grad_loss, mu_w, mu_l, gap, ctx.score_range)
-    return grad_w, grad_l, None, None
+def _backward_with(launch):
+    """The backward formula, launching through ``launch``: the custom op (compiled graphs) or the launcher."""
+    def backward(ctx, grad_loss, grad_reward_w, grad_reward_l):
+        if grad_loss is None:
+            return None, None, None, None
+        mu_w, mu_l, gap = ctx.saved_tensors
+        grad_loss = grad_loss.to(stats_dtype(mu_w.dtype, mu_l.dtype)).contiguous()
+        grad_w, grad_l = launch(grad_loss, mu_w, mu_l, gap, ctx.score_range)
+        return grad_w, grad_l, None, None
+    return backward
 
 
-_pairwise_gap_op.register_autograd(_backward, setup_context=_setup_context)
+_pairwise_gap_op.register_autograd(_backward_with(_pairwise_gap_backward_op), setup_context=_setup_context)
 
 
-@torch.library.custom_op("zr_kernels::gdso_rewards", mutates_args=())
-def _gdso_rewards_op(mu_w: torch.Tensor, mu_l: torch.Tensor, s_w: torch.Tensor, s_l: torch.Tensor,
-                     score_range: float, lambda_pt: float, lambda_pw: float) -> tuple[torch.Tensor, torch.Tensor]:
+class _PairwiseGap(torch.autograd.Function):
+    """The eager route: the custom op's forward, context and backward, launched directly."""
+
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward_with(_launch_backward))
+
+
+def _gdso_rewards(mu_w: torch.Tensor, mu_l: torch.Tensor, s_w: torch.Tensor, s_l: torch.Tensor,
+                  score_range: float, lambda_pt: float, lambda_pw: float) -> tuple[torch.Tensor, torch.Tensor]:
     note("gdso_rewards", "triton")
     return gdso_rewards_fwd(mu_w, mu_l, s_w, s_l, score_range, lambda_pt, lambda_pw)
+
+
+_gdso_rewards_op = torch.library.custom_op("zr_kernels::gdso_rewards", _gdso_rewards, mutates_args=())
 
 
 @_gdso_rewards_op.register_fake
@@ -114,7 +136,9 @@ def pairwise_gap(mu_w, mu_l, gap, score_range, *, backend=None) -> PairGap:
     if resolve_backend("pairwise_gap", backend, mu_w.device) == "reference":
         note("pairwise_gap", "reference")
         return reference.pairwise_gap(mu_w, mu_l, gap, score_range)
-    return PairGap(*_pairwise_gap_op(mu_w, mu_l, gap.detach(), score_range))
+    needs_grad = mu_w.requires_grad or mu_l.requires_grad
+    return PairGap(*run_fused(_pairwise_gap_op, _PairwiseGap, mu_w, mu_l, gap.detach(), score_range,
+                              needs_grad=needs_grad))
 
 
 def gdso_rewards(mu_w, mu_l, s_w, s_l, score_min, score_max, lambda_pt, lambda_pw, *, backend=None):
@@ -148,8 +172,8 @@ def gdso_rewards(mu_w, mu_l, s_w, s_l, score_min, score_max, lambda_pt, lambda_p
         note("gdso_rewards", "reference")
         return reference.gdso_rewards(mu_w, mu_l, s_w, s_l, score_min, score_max, lambda_pt, lambda_pw)
     # Rewards are constants of the policy-gradient loss: never part of the autograd graph.
-    return _gdso_rewards_op(mu_w.detach(), mu_l.detach(), s_w.detach(), s_l.detach(), score_max - score_min,
-                            lambda_pt, lambda_pw)
+    return run_forward_only(_gdso_rewards_op, _gdso_rewards, mu_w.detach(), mu_l.detach(), s_w.detach(),
+                            s_l.detach(), score_max - score_min, lambda_pt, lambda_pw)
 
 
 class PairwiseGapLoss(torch.nn.Module):

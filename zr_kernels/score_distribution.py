@@ -6,36 +6,45 @@ from typing import Optional
 import torch
 
 from zr_kernels import reference
-from zr_kernels._backend import note, resolve_backend
+from zr_kernels._backend import note, resolve_backend, run_fused
 from zr_kernels._types import ScoreDist, stats_dtype
 from zr_kernels._validation import as_token_ids, as_values, check_float_tensor, check_positive_float, check_target
 from zr_kernels.kernels.score_distribution import score_distribution_bwd, score_distribution_fwd
 
 
-@torch.library.custom_op("zr_kernels::score_distribution", mutates_args=())
-def _score_distribution_op(
-    logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, target: Optional[torch.Tensor], temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, target: Optional[torch.Tensor],
+             temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     note("score_distribution", "triton")
     return score_distribution_fwd(logits, ids, values, target, temperature)
+
+
+def _launch_backward(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
+                     temperature, vocab_size, dtype):
+    note("score_distribution.backward", "triton")
+    return score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
+                                  temperature, vocab_size, dtype)
+
+
+_score_distribution_op = torch.library.custom_op("zr_kernels::score_distribution", _forward, mutates_args=())
 
 
 @_score_distribution_op.register_fake
 def _(logits, ids, values, target, temperature):
     n_rows, n_bins, dtype = logits.shape[0], ids.shape[0], stats_dtype(logits.dtype)
     row = logits.new_empty(n_rows, dtype=dtype)
-    return logits.new_empty(n_rows, n_bins, dtype=dtype), row, row.clone(), row.clone()
+    nll = logits.new_empty(n_rows if target is not None else 0, dtype=dtype)
+    return logits.new_empty(n_rows, n_bins, dtype=dtype), row, row.clone(), nll
 
 
 @torch.library.custom_op("zr_kernels::score_distribution_backward", mutates_args=())
 def _score_distribution_backward_op(
-    grad_probs: torch.Tensor, grad_mean: torch.Tensor, grad_std: torch.Tensor, grad_nll: torch.Tensor,
-    probs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, target: Optional[torch.Tensor],
-    ids: torch.Tensor, values: torch.Tensor, temperature: float, vocab_size: int, dtype: torch.dtype,
+    grad_probs: Optional[torch.Tensor], grad_mean: Optional[torch.Tensor], grad_std: Optional[torch.Tensor],
+    grad_nll: Optional[torch.Tensor], probs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+    target: Optional[torch.Tensor], ids: torch.Tensor, values: torch.Tensor, temperature: float, vocab_size: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    note("score_distribution.backward", "triton")
-    return score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
-                                  temperature, vocab_size, dtype)
+    return _launch_backward(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
+                            temperature, vocab_size, dtype)
 
 
 @_score_distribution_backward_op.register_fake
@@ -49,20 +58,30 @@ def _setup_context(ctx, inputs, output):
     probs, mean, std, _ = output
     ctx.save_for_backward(probs, mean, std, target, ids, values)
     ctx.temperature, ctx.vocab_size, ctx.dtype = temperature, logits.shape[1], logits.dtype
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros allocated or read
 
 
-def _backward(ctx, grad_probs, grad_mean, grad_std, grad_nll):
-    probs, mean, std, target, ids, values = ctx.saved_tensors
-    grad_probs, grad_mean, grad_std, grad_nll = (
-        g.to(probs.dtype).contiguous() for g in (grad_probs, grad_mean, grad_std, grad_nll))
-    grad_logits = _score_distribution_backward_op(
-        grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
-        ctx.temperature, ctx.vocab_size, ctx.dtype,
-    )
-    return grad_logits, None, None, None, None
+def _backward_with(launch):
+    """The backward formula, launching through ``launch``: the custom op (compiled graphs) or the launcher."""
+    def backward(ctx, grad_probs, grad_mean, grad_std, grad_nll):
+        probs, mean, std, target, ids, values = ctx.saved_tensors
+        grads = (None if g is None else g.to(probs.dtype).contiguous() for g in (grad_probs, grad_mean, grad_std,
+                                                                                 grad_nll if target is not None else None))
+        grad_logits = launch(*grads, probs, mean, std, target, ids, values, ctx.temperature, ctx.vocab_size,
+                             ctx.dtype)
+        return grad_logits, None, None, None, None
+    return backward
 
 
-_score_distribution_op.register_autograd(_backward, setup_context=_setup_context)
+_score_distribution_op.register_autograd(_backward_with(_score_distribution_backward_op), setup_context=_setup_context)
+
+
+class _ScoreDistribution(torch.autograd.Function):
+    """The eager route: the custom op's forward, context and backward, launched directly."""
+
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward_with(_launch_backward))
 
 
 def _as_rows(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +132,11 @@ def score_distribution(logits, token_ids, values, target=None, temperature=1.0, 
         return reference.score_distribution(logits, ids, values, target, temperature)
     rows, row_ids = _as_rows(logits, ids)
     target_rows = target.reshape(-1) if target is not None else None
-    probs, mean, std, nll = _score_distribution_op(rows, row_ids, values, target_rows, temperature)
-    return ScoreDist(
-        probs.view(*lead_shape, ids.numel()), mean.view(lead_shape), std.view(lead_shape),
-        nll.view(lead_shape) if target is not None else None,
-    )
+    probs, mean, std, nll = run_fused(_score_distribution_op, _ScoreDistribution, rows, row_ids, values, target_rows,
+                                      temperature, needs_grad=logits.requires_grad)
+    nll = nll if target is not None else None
+    if logits.dim() == 2:  # rows are already the caller's shape
+        return ScoreDist(probs, mean, std, nll)
+    return ScoreDist(probs.view(*lead_shape, ids.numel()), mean.view(lead_shape), std.view(lead_shape),
+                     nll.view(lead_shape) if nll is not None else None)
 

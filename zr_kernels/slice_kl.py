@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from zr_kernels import reference
-from zr_kernels._backend import note, resolve_backend
+from zr_kernels._backend import note, resolve_backend, run_fused
 from zr_kernels._validation import (
     as_token_ids, check_choice, check_float_in, check_float_tensor, check_positive_float, check_same_device,
     check_shape,
@@ -16,13 +16,18 @@ from zr_kernels.reference.slice_kl import REDUCTIONS, reduce_rows
 NORMALIZATIONS = ("slice", "vocab")
 
 
-@torch.library.custom_op("zr_kernels::slice_kl", mutates_args=())
-def _slice_kl_op(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, ids: torch.Tensor, vocab_norm: bool, beta: float,
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(student_logits: torch.Tensor, teacher_probs: torch.Tensor, ids: torch.Tensor, vocab_norm: bool,
+             beta: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     note("slice_kl", "triton")
     return slice_kl_fwd(student_logits, teacher_probs, ids, vocab_norm, beta, temperature)
+
+
+def _launch_backward(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temperature):
+    note("slice_kl.backward", "triton")
+    return slice_kl_bwd(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temperature)
+
+
+_slice_kl_op = torch.library.custom_op("zr_kernels::slice_kl", _forward, mutates_args=())
 
 
 @_slice_kl_op.register_fake
@@ -36,8 +41,7 @@ def _slice_kl_backward_op(
     grad_loss: torch.Tensor, student_logits: torch.Tensor, teacher_probs: torch.Tensor, ids: torch.Tensor,
     lse: torch.Tensor, vocab_norm: bool, beta: float, temperature: float,
 ) -> torch.Tensor:
-    note("slice_kl.backward", "triton")
-    return slice_kl_bwd(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temperature)
+    return _launch_backward(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temperature)
 
 
 @_slice_kl_backward_op.register_fake
@@ -47,20 +51,36 @@ def _(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temp
 
 def _setup_context(ctx, inputs, output):
     student_logits, teacher_probs, ids, vocab_norm, beta, temperature = inputs
+    loss, lse = output
     # The logits are saved by reference (no copy); the backward recomputes the student distribution from them
-    # and the O(N) log-sum-exp.
-    ctx.save_for_backward(student_logits, teacher_probs, ids, output[1])
+    # and the O(N) log-sum-exp, which is an internal output: nothing flows back through it.
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(student_logits, teacher_probs, ids, lse)
     ctx.vocab_norm, ctx.beta, ctx.temperature = vocab_norm, beta, temperature
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    student_logits, teacher_probs, ids, lse = ctx.saved_tensors
-    grad_logits = _slice_kl_backward_op(grad_loss.float().contiguous(), student_logits, teacher_probs, ids, lse,
-                                        ctx.vocab_norm, ctx.beta, ctx.temperature)
-    return grad_logits, None, None, None, None, None
+def _backward_with(launch):
+    """The backward formula, launching through ``launch``: the custom op (compiled graphs) or the launcher."""
+    def backward(ctx, grad_loss, grad_lse):
+        if grad_loss is None:
+            return None, None, None, None, None, None
+        student_logits, teacher_probs, ids, lse = ctx.saved_tensors
+        grad_logits = launch(grad_loss.float().contiguous(), student_logits, teacher_probs, ids, lse, ctx.vocab_norm,
+                             ctx.beta, ctx.temperature)
+        return grad_logits, None, None, None, None, None
+    return backward
 
 
-_slice_kl_op.register_autograd(_backward, setup_context=_setup_context)
+_slice_kl_op.register_autograd(_backward_with(_slice_kl_backward_op), setup_context=_setup_context)
+
+
+class _SliceKL(torch.autograd.Function):
+    """The eager route: the custom op's forward, context and backward, launched directly."""
+
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward_with(_launch_backward))
 
 
 def slice_kl(student_logits, teacher_probs, token_ids, normalize="slice", beta=0.0, temperature=1.0,
@@ -108,7 +128,8 @@ def slice_kl(student_logits, teacher_probs, token_ids, normalize="slice", beta=0
     if resolve_backend("slice_kl", backend, student_logits.device) == "reference":
         note("slice_kl", "reference")
         return reference.slice_kl(student_logits, teacher_probs, ids, normalize, beta, temperature, reduction)
-    per_row, _ = _slice_kl_op(student_logits, teacher_probs.detach(), ids, normalize == "vocab", beta, temperature)
+    per_row, _ = run_fused(_slice_kl_op, _SliceKL, student_logits, teacher_probs.detach(), ids, normalize == "vocab",
+                           beta, temperature, needs_grad=student_logits.requires_grad)
     return reduce_rows(per_row, reduction, ids.numel())
 
 

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from zr_kernels._backend import interpreter_enabled
 from zr_kernels._types import stats_dtype
+from zr_kernels._validation import cached_arange
 from zr_kernels.kernels.score_distribution import score_distribution_bwd
 
 BLOCK_ROWS = 16  # tl.dot needs every tile side >= 16
@@ -203,11 +204,11 @@ def linear_score_fwd(hidden, weight, ids, bias, values, temperature: float):
 
 
 def linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature: float):
-    """``grad_logits [N, K]`` (statistics dtype, divided by the temperature) from the upstream gradients."""
+    """``grad_logits [N, K]`` (statistics dtype, divided by the temperature) from the upstream gradients (each
+    None when that output is unused)."""
     n_bins = probs.shape[1]
-    bins = torch.arange(n_bins, device=probs.device)
-    return score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_mean, probs, mean, std, None, bins, values,
-                                  temperature, n_bins, probs.dtype)
+    return score_distribution_bwd(grad_probs, grad_mean, grad_std, None, probs, mean, std, None,
+                                  cached_arange(n_bins, probs.device), values, temperature, n_bins, probs.dtype)
 
 
 def linear_score_grad_hidden(grad_logits, weight, ids, dim: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Launchers of the CUDA score-head extension ``zr_kernels._C``, with the Triton launchers' signatures.
 
 They allocate outputs with PyTorch and pass the extension raw pointers, sizes, strides, the device index
-and the current stream, so the kernels run in PyTorch's stream order with no synchronisation.
+and the current stream, so the kernels run in PyTorch's stream order with no synchronisation. The extension
+sets and restores the current device itself, so no Python device guard runs per call.
 Inputs are fp32 / bf16 / fp16; statistics and ``grad_logits`` are fp32.
 """
 from __future__ import annotations
@@ -18,7 +19,9 @@ def _ext():
 
 
 def _launch(t: torch.Tensor) -> tuple[int, int]:
-    return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+    # The raw stream handle, as Triton's launcher reads it: no torch.cuda.Stream object is built per call.
+    index = t.get_device()
+    return index, torch._C._cuda_getCurrentRawStream(index)
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -30,36 +33,32 @@ def linear_score_fwd(hidden, weight, ids, bias, values, temperature: float):
     n_bins = ids.numel() if ids is not None else weight.shape[0]
     probs = torch.empty(n_rows, n_bins, device=hidden.device, dtype=torch.float32)
     mean, std = (torch.empty(n_rows, device=hidden.device, dtype=torch.float32) for _ in range(2))
-    with torch.cuda.device(hidden.device):
-        _ext().forward(
-            _DTYPE_CODES[hidden.dtype], hidden.data_ptr(), n_rows, dim, hidden.stride(0), hidden.stride(1),
-            weight.data_ptr(), weight.shape[0], weight.stride(0), weight.stride(1), _ptr(ids),
-            _ptr(bias), bias.stride(0) if bias is not None else 0, n_bins, values.data_ptr(), temperature,
-            probs.data_ptr(), mean.data_ptr(), std.data_ptr(), *_launch(hidden),
-        )
+    _ext().forward(
+        _DTYPE_CODES[hidden.dtype], hidden.data_ptr(), n_rows, dim, hidden.stride(0), hidden.stride(1),
+        weight.data_ptr(), weight.shape[0], weight.stride(0), weight.stride(1), _ptr(ids),
+        _ptr(bias), bias.stride(0) if bias is not None else 0, n_bins, values.data_ptr(), temperature,
+        probs.data_ptr(), mean.data_ptr(), std.data_ptr(), *_launch(hidden),
+    )
     return probs, mean, std
 
 
 def linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature: float):
     n_rows, n_bins = probs.shape
     grad_logits = torch.empty_like(probs)
-    with torch.cuda.device(probs.device):
-        _ext().grad_logits(
-            n_rows, n_bins, grad_probs.data_ptr(), grad_mean.data_ptr(), grad_std.data_ptr(), probs.data_ptr(),
-            mean.data_ptr(), std.data_ptr(), values.data_ptr(), temperature, grad_logits.data_ptr(),
-            *_launch(probs),
-        )
+    _ext().grad_logits(
+        n_rows, n_bins, _ptr(grad_probs), _ptr(grad_mean), _ptr(grad_std), probs.data_ptr(),  # None: unused output
+        mean.data_ptr(), std.data_ptr(), values.data_ptr(), temperature, grad_logits.data_ptr(), *_launch(probs),
+    )
     return grad_logits
 
 
 def linear_score_grad_hidden(grad_logits, weight, ids, dim: int) -> torch.Tensor:
     n_rows, n_bins = grad_logits.shape
     grad_hidden = torch.empty(n_rows, dim, device=grad_logits.device, dtype=weight.dtype)
-    with torch.cuda.device(weight.device):
-        _ext().grad_hidden(
-            _DTYPE_CODES[weight.dtype], grad_logits.data_ptr(), n_rows, dim, weight.data_ptr(), weight.shape[0],
-            weight.stride(0), weight.stride(1), _ptr(ids), n_bins, grad_hidden.data_ptr(), *_launch(weight),
-        )
+    _ext().grad_hidden(
+        _DTYPE_CODES[weight.dtype], grad_logits.data_ptr(), n_rows, dim, weight.data_ptr(), weight.shape[0],
+        weight.stride(0), weight.stride(1), _ptr(ids), n_bins, grad_hidden.data_ptr(), *_launch(weight),
+    )
     return grad_hidden
 
 
@@ -71,12 +70,12 @@ def linear_score_grad_weight(grad_logits, hidden, ids, num_weight_rows: int, wit
     alloc = torch.zeros if ids is not None else torch.empty
     grad_weight = alloc(num_weight_rows, dim, **out)
     grad_bias = alloc(num_weight_rows if with_bias else 0, **out)
-    with torch.cuda.device(hidden.device):
-        splits = _ext().weight_splits(n_rows, dim, hidden.device.index)
-        workspace = torch.empty(splits, n_bins, dim, device=hidden.device, dtype=torch.float32)
-        _ext().grad_weight(
-            _DTYPE_CODES[hidden.dtype], grad_logits.data_ptr(), hidden.data_ptr(), n_rows, dim, hidden.stride(0),
-            hidden.stride(1), num_weight_rows, _ptr(ids), n_bins, workspace.data_ptr(), splits,
-            grad_weight.data_ptr(), grad_bias.data_ptr() if with_bias else 0, *_launch(hidden),
-        )
+    device, stream = _launch(hidden)
+    splits = _ext().weight_splits(n_rows, dim, device)
+    workspace = torch.empty(splits, n_bins, dim, device=hidden.device, dtype=torch.float32)
+    _ext().grad_weight(
+        _DTYPE_CODES[hidden.dtype], grad_logits.data_ptr(), hidden.data_ptr(), n_rows, dim, hidden.stride(0),
+        hidden.stride(1), num_weight_rows, _ptr(ids), n_bins, workspace.data_ptr(), splits,
+        grad_weight.data_ptr(), grad_bias.data_ptr() if with_bias else 0, device, stream,
+    )
     return grad_weight, grad_bias

@@ -65,7 +65,8 @@ def _score_distribution_bwd_kernel(
     grad_probs_ptr, grad_mean_ptr, grad_std_ptr, grad_nll_ptr,
     probs_ptr, mean_ptr, std_ptr, target_ptr, ids_ptr, values_ptr, grad_logits_ptr,
     n_rows, n_bins, vocab_size, stride_target, temperature,
-    HAS_TARGET: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
+    HAS_TARGET: tl.constexpr, GRAD_PROBS: tl.constexpr, GRAD_MEAN: tl.constexpr, GRAD_STD: tl.constexpr,
+    GRAD_NLL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
 ):
     acc_type = probs_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -79,17 +80,23 @@ def _score_distribution_bwd_kernel(
     slice_offsets = rows64[:, None] * n_bins + bins[None, :]
 
     p = tl.load(probs_ptr + slice_offsets, mask=ok, other=0.0)
-    mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-    std = tl.load(std_ptr + rows, mask=row_ok, other=1.0)
-    g_mean = tl.load(grad_mean_ptr + rows, mask=row_ok, other=0.0)
-    g_std = tl.load(grad_std_ptr + rows, mask=row_ok, other=0.0)
-    centered = values[None, :] - mean[:, None]
-    # d std / d p_k = (v_k - mean)^2 / (2 std); taken as 0 where std == 0 (same as the reference).
-    std_scale = tl.where(std > 0, g_std / (2.0 * std), 0.0)
-    g_p = tl.load(grad_probs_ptr + slice_offsets, mask=ok, other=0.0)
-    g_p += g_mean[:, None] * values[None, :] + std_scale[:, None] * centered * centered
+    # An output whose gradient is absent (unused downstream) contributes nothing; its pointer is never read.
+    g_p = tl.zeros([BLOCK_ROWS, BLOCK_BINS], dtype=acc_type)
+    if GRAD_PROBS:
+        g_p += tl.load(grad_probs_ptr + slice_offsets, mask=ok, other=0.0)
+    if GRAD_MEAN:
+        g_mean = tl.load(grad_mean_ptr + rows, mask=row_ok, other=0.0)
+        g_p += g_mean[:, None] * values[None, :]
+    if GRAD_STD:
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        std = tl.load(std_ptr + rows, mask=row_ok, other=1.0)
+        g_std = tl.load(grad_std_ptr + rows, mask=row_ok, other=0.0)
+        centered = values[None, :] - mean[:, None]
+        # d std / d p_k = (v_k - mean)^2 / (2 std); taken as 0 where std == 0 (same as the reference).
+        std_scale = tl.where(std > 0, g_std / (2.0 * std), 0.0)
+        g_p += std_scale[:, None] * centered * centered
     g_z = p * (g_p - tl.sum(p * g_p, axis=1)[:, None])
-    if HAS_TARGET:
+    if HAS_TARGET and GRAD_NLL:
         t = tl.load(target_ptr + rows64 * stride_target, mask=row_ok, other=0)
         g_nll = tl.load(grad_nll_ptr + rows, mask=row_ok, other=0.0)
         g_z += g_nll[:, None] * (p - tl.where(bins[None, :] == t[:, None], 1.0, 0.0).to(acc_type))
@@ -100,11 +107,15 @@ def _score_distribution_bwd_kernel(
 
 def score_distribution_fwd(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
                            target: torch.Tensor | None, temperature: float):
-    """Launch the forward on ``logits [M, V]`` (any strides); returns ``probs, mean, std, nll`` in fp32."""
+    """Launch the forward on ``logits [M, V]`` (any strides); returns ``probs, mean, std, nll`` in fp32.
+
+    ``nll`` is ``[M]`` with a target and an empty ``[0]`` tensor without one.
+    """
     n_rows, n_bins = logits.shape[0], ids.numel()
     out = dict(device=logits.device, dtype=stats_dtype(logits.dtype))
     probs = torch.empty(n_rows, n_bins, **out)
-    mean, std, nll = (torch.empty(n_rows, **out) for _ in range(3))
+    mean, std = torch.empty(n_rows, **out), torch.empty(n_rows, **out)
+    nll = torch.empty(n_rows if target is not None else 0, **out)
     if n_rows:
         block_rows, block_bins = _blocks(n_bins)
         _score_distribution_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
@@ -119,15 +130,18 @@ def score_distribution_fwd(logits: torch.Tensor, ids: torch.Tensor, values: torc
 
 def score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
                            temperature: float, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Launch the backward; every upstream gradient is contiguous, in the statistics dtype. Returns ``[M, V]`` in ``dtype``."""
+    """Launch the backward. Each upstream gradient is None (that output is unused) or contiguous in the
+    statistics dtype. Returns ``[M, V]`` in ``dtype``, zero off the K score columns."""
     n_rows, n_bins = probs.shape
     grad_logits = torch.zeros(n_rows, vocab_size, device=probs.device, dtype=dtype)
     if n_rows:
         block_rows, block_bins = _blocks(n_bins)
         _score_distribution_bwd_kernel[(triton.cdiv(n_rows, block_rows),)](
-            grad_probs, grad_mean, grad_std, grad_nll,
+            *(probs if g is None else g for g in (grad_probs, grad_mean, grad_std, grad_nll)),
             probs, mean, std, target if target is not None else ids, ids, values, grad_logits,
             n_rows, n_bins, vocab_size, target.stride(0) if target is not None else 0, temperature,
-            HAS_TARGET=target is not None, BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
+            HAS_TARGET=target is not None, GRAD_PROBS=grad_probs is not None, GRAD_MEAN=grad_mean is not None,
+            GRAD_STD=grad_std is not None, GRAD_NLL=grad_nll is not None,
+            BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
         )
     return grad_logits

@@ -17,10 +17,10 @@ def reduce_rows(per_row: torch.Tensor, reduction: str, num_bins: int) -> torch.T
     """``torch.nn.functional.kl_div`` reductions of a ``[N]`` per-row loss over ``[N, K]`` elements."""
     if reduction == "none":
         return per_row
-    total = per_row.sum()
     if reduction == "sum":
-        return total
-    return total / (per_row.numel() * (num_bins if reduction == "mean" else 1))
+        return per_row.sum()
+    mean = per_row.mean()  # one op for the default "batchmean": this runs on every fused call too
+    return mean if reduction == "batchmean" else mean / num_bins
 
 
 def slice_kl(student_logits, teacher_probs, token_ids, normalize="slice", beta=0.0, temperature=1.0,
