@@ -57,6 +57,8 @@ class Case:
     there is a backward, else fwd); when given, achieved GB/s and the fraction of copy bandwidth are reported.
     ``series``/``x`` place the case on the op's sweep plot; ``headline`` marks the case the goals refer to.
     ``items`` (e.g. images) turns the time into a throughput; ``speedup`` is against the ``baseline`` provider.
+    ``wall_clock`` times back-to-back calls with a wall-clock timer instead of CUDA events, so the host's
+    per-call work (Python, dispatch, launches) counts even where the GPU would idle: the host-overhead cases.
     """
 
     op: str
@@ -72,6 +74,7 @@ class Case:
     items: Optional[int] = None
     baseline: str = "eager"
     params: dict = field(default_factory=dict)
+    wall_clock: bool = False
 
 
 # ---- provider constructors: each knows why it may not run here -------------------------------------------
@@ -120,8 +123,19 @@ def _sync(config: Config) -> None:
         torch.cuda.synchronize(config.device)
 
 
-def time_ms(fn: Callable[[], Any], config: Config) -> float:
-    """Median milliseconds of ``fn()``."""
+WALL_CLOCK_CALLS = 300  # back-to-back calls per wall-clock measurement on CUDA
+
+
+def time_ms(fn: Callable[[], Any], config: Config, wall_clock: bool = False) -> float:
+    """Median milliseconds of ``fn()`` (on CUDA with ``wall_clock``: the mean over back-to-back calls)."""
+    if config.cuda and wall_clock:
+        fn()
+        _sync(config)
+        start = time.perf_counter()
+        for _ in range(WALL_CLOCK_CALLS):
+            fn()
+        _sync(config)
+        return (time.perf_counter() - start) * 1e3 / WALL_CLOCK_CALLS
     if config.cuda:
         import triton.testing
 
@@ -178,14 +192,15 @@ def _measure_provider(case: Case, provider: Provider, config: Config) -> dict:
         _sync(config)
         peak_mib = (torch.cuda.max_memory_allocated(config.device) - base) / 2**20
 
-    record = {"fwd_ms": time_ms(forward, config), "bwd_ms": None, "full_ms": None, "peak_mib": peak_mib,
+    wall = case.wall_clock
+    record = {"fwd_ms": time_ms(forward, config, wall), "bwd_ms": None, "full_ms": None, "peak_mib": peak_mib,
               "ran": sorted({f"{op}:{backend}" for op, backend in ran})}
     if leaves:
         outs = _grad_outputs(forward())
         grads = [torch.ones_like(o) for o in outs]
-        record["bwd_ms"] = time_ms(lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True), config)
+        record["bwd_ms"] = time_ms(lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True), config, wall)
         del outs, grads
-        record["full_ms"] = time_ms(full, config)
+        record["full_ms"] = time_ms(full, config, wall)
     return record
 
 
