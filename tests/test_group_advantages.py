@@ -106,19 +106,19 @@ def test_properties(groups, rng, constant, scale):
     rewards = torch.tensor([x for g in groups for x in g], device=DEVICE)
     adv = _kernel(rewards, group_size, scale)
 
-    # A constant group has advantage exactly 0.
+    # A constant group has advantage exactly 0. (Filled from ``rewards``, not from ``flat`` itself: CUDA refuses a
+    # fill whose source element overlaps the destination.)
     flat = rewards.clone()
-    flat[:group_size] = flat[0]
+    flat[:group_size] = rewards[0]
     assert torch.all(_kernel(flat, group_size, scale)[:group_size] == 0)
 
     # Permuting rewards inside a group permutes its advantages.
-    perm = torch.arange(rewards.numel())
+    perm = torch.arange(rewards.numel(), device=DEVICE)
     for g in range(len(groups)):
         order = list(range(group_size))
         rng.shuffle(order)
-        perm[g * group_size:(g + 1) * group_size] = torch.tensor(order) + g * group_size
-    torch.testing.assert_close(_kernel(rewards[perm.to(DEVICE)], group_size, scale), adv[perm.to(DEVICE)],
-                               atol=1e-3, rtol=1e-3)
+        perm[g * group_size:(g + 1) * group_size] = torch.tensor(order, device=DEVICE) + g * group_size
+    torch.testing.assert_close(_kernel(rewards[perm], group_size, scale), adv[perm], atol=1e-3, rtol=1e-3)
 
     # Shifting one group (or, for the batch std, every reward) changes nothing.
     shifted = rewards.clone()
@@ -131,8 +131,8 @@ def test_properties(groups, rng, constant, scale):
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(rewards=[1.0, 2.0]), TypeError, "rewards"),
-    (dict(rewards=torch.ones(4, dtype=torch.int64)), TypeError, "rewards"),
-    (dict(rewards=torch.ones(2, 2)), ValueError, "rewards"),
+    (dict(rewards=torch.ones(4, dtype=torch.int64, device=DEVICE)), TypeError, "rewards"),
+    (dict(rewards=torch.ones(2, 2, device=DEVICE)), ValueError, "rewards"),
     (dict(group_size=3), ValueError, "group_size"),
     (dict(group_size=0), ValueError, "group_size"),
     (dict(group_size=2.0), TypeError, "group_size"),

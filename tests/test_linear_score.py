@@ -48,9 +48,9 @@ def _case(rows, dim, vocab, num_bins, dtype, *, lm_head, bias=True, seed=0):
     torch.manual_seed(seed)
     hidden = strided_rows(rows, dim, dtype, scale=1.0)
     weight = (torch.randn(vocab if lm_head else num_bins, dim, device=DEVICE) * dim ** -0.5).to(dtype)
-    ids = torch.randperm(vocab)[:num_bins] if lm_head else None
+    ids = torch.randperm(vocab, device=DEVICE)[:num_bins] if lm_head else None
     b = (torch.randn(weight.shape[0], device=DEVICE) * 0.5).to(dtype) if bias else None
-    values = torch.linspace(1.0, 5.0, num_bins)
+    values = torch.linspace(1.0, 5.0, num_bins, device=DEVICE)
     return hidden, weight, ids, b, values
 
 
@@ -79,11 +79,11 @@ def _check_against_reference(backend, rows, dim, vocab, num_bins, dtype, lm_head
         assert_three_way(name, k, e, r, ATOL[dtype] * (1 if name in names[:3] else 10))
     assert kernel[3].dtype == kernel[4].dtype == dtype
     if lm_head:
-        off_rows = torch.ones(vocab, dtype=torch.bool)
+        off_rows = torch.ones(vocab, dtype=torch.bool, device=DEVICE)
         off_rows[ids] = False
-        assert torch.all(kernel[4][off_rows.to(DEVICE)] == 0)
+        assert torch.all(kernel[4][off_rows] == 0)
         if bias:
-            assert torch.all(kernel[5][off_rows.to(DEVICE)] == 0)
+            assert torch.all(kernel[5][off_rows] == 0)
 
 
 SHAPES = [(1, 4095, 9, 9, False), (7, 64, 50, 5, True), (111, 33, 300, 17, True)]
@@ -129,7 +129,7 @@ def test_gradcheck_fp64():
     hidden = torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     weight = torch.randn(7, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     bias = torch.randn(7, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    ids = torch.tensor([5, 0, 3])
+    ids = torch.tensor([5, 0, 3], device=DEVICE)
 
     def fn(h, w, b):
         out = linear_score(h, w, [1.0, 2.5, 5.0], ids, b, 1.3, backend="triton")
@@ -170,9 +170,9 @@ def test_score_head_from_lm_head_under_compile(backend):
 
 
 def test_score_head_init_and_plain_call():
-    head = ScoreHead(16, [1.0, 3.0, 5.0], bias=True, temperature=0.5)
+    head = ScoreHead(16, [1.0, 3.0, 5.0], bias=True, temperature=0.5, device=DEVICE)
     assert head.weight.shape == (3, 16) and head.bias.shape == (3,) and head.values.dtype == torch.float32
-    hidden = torch.randn(4, 16)
+    hidden = torch.randn(4, 16, device=DEVICE)
     out = head(hidden)
     ref = reference.linear_score(hidden, head.weight, head.values, bias=head.bias, temperature=0.5)
     torch.testing.assert_close(out.mean, ref.mean)
@@ -183,7 +183,8 @@ def test_score_head_init_and_plain_call():
 
 
 def test_auto_is_reference_on_cpu_and_cuda_backend_needs_cuda_tensors():
-    hidden, weight, values = torch.randn(2, 8), torch.randn(3, 8), [1.0, 2.0, 3.0]
+    # About CPU tensors on purpose, on every machine (a GPU one included).
+    hidden, weight, values = torch.randn(2, 8, device="cpu"), torch.randn(3, 8, device="cpu"), [1.0, 2.0, 3.0]
     with trace_backends() as ran:
         linear_score(hidden, weight, values)
     assert ran == [("linear_score", "reference")]
@@ -197,6 +198,7 @@ def test_empty_rows():
     assert out.probs.shape == (0, 3) and out.mean.shape == (0,) and out.std.shape == (0,)
 
 
+# Argument checks run before any device work, so this table stays on the CPU on every machine.
 GOOD = dict(hidden=torch.randn(4, 8), weight=torch.randn(10, 8), values=[1.0, 2.0, 3.0], token_ids=[1, 2, 3])
 BAD_INPUTS = [
     (dict(hidden=torch.randn(4, 8, 2)), ValueError, "hidden"),

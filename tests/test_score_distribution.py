@@ -17,8 +17,8 @@ def _case(rows, vocab, num_bins, dtype, *, seed=0, strided=True):
         logits = strided_rows(rows, vocab, dtype)
     else:
         logits = (torch.randn(rows, vocab, device=DEVICE) * 3).to(dtype)
-    ids = torch.randperm(vocab)[:num_bins]
-    values = torch.linspace(1.0, 5.0, num_bins)
+    ids = torch.randperm(vocab, device=DEVICE)[:num_bins]
+    values = torch.linspace(1.0, 5.0, num_bins, device=DEVICE)
     target = torch.randint(0, num_bins, (rows,), device=DEVICE)
     return logits, ids, values, target
 
@@ -36,7 +36,7 @@ def _outputs_and_grads(fn, logits, ids, values, target, temperature, upstream):
 def test_matches_reference_three_way(dtype, rows, vocab, num_bins):
     logits, ids, values, target = _case(rows, vocab, num_bins, dtype)
     temperature = 0.7
-    upstream = [torch.randn(rows, num_bins), torch.randn(rows), torch.randn(rows), torch.randn(rows)]
+    upstream = [torch.randn(rows, num_bins, device=DEVICE)] + [torch.randn(rows, device=DEVICE) for _ in range(3)]
     triton_fn = lambda *a: score_distribution(*a, backend="triton")  # noqa: E731
     with trace_backends() as ran:
         kernel = _outputs_and_grads(triton_fn, logits, ids, values, target, temperature, upstream)
@@ -47,7 +47,7 @@ def test_matches_reference_three_way(dtype, rows, vocab, num_bins):
     for name, k, e, r in zip(("probs", "mean", "std", "nll", "grad_logits"), kernel, eager, ref32):
         assert_three_way(name, k, e, r, ATOL[dtype] * (10 if name == "grad_logits" else 1))
     assert kernel[-1].dtype == dtype
-    off_slice = torch.ones(vocab, dtype=torch.bool)
+    off_slice = torch.ones(vocab, dtype=torch.bool, device=DEVICE)
     off_slice[ids] = False
     assert torch.all(kernel[-1][:, off_slice] == 0)
 
@@ -125,21 +125,27 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(out.nll, ref.nll)
 
 
-def test_auto_backend_on_cpu_is_reference_and_env_override(monkeypatch):
-    logits = torch.randn(2, 10)
+def test_auto_backend_follows_the_device_and_env_override(monkeypatch):
+    # CPU tensors take the reference on every machine, a GPU one included.
+    with trace_backends() as ran:
+        score_distribution(torch.randn(2, 10, device="cpu"), [0, 1], [1.0, 2.0])
+    assert ran == [("score_distribution", "reference")]
+    logits = torch.randn(2, 10, device=DEVICE)
     with trace_backends() as ran:
         score_distribution(logits, [0, 1], [1.0, 2.0])
-    assert ran == [("score_distribution", "reference" if DEVICE.type == "cpu" else "triton")]
+    assert ran == [("score_distribution", "triton" if DEVICE.type == "cuda" else "reference")]
+    # The env var picks the kernel for test-device tensors (on CPU through the interpreter the suite runs under).
     monkeypatch.setenv(zr_kernels.BACKEND_ENV_VAR, "triton")
     with trace_backends() as ran:
-        score_distribution(logits.to(DEVICE), [0, 1], [1.0, 2.0])
+        score_distribution(logits, [0, 1], [1.0, 2.0])
     assert ran == [("score_distribution", "triton")]
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    # About CPU tensors on purpose (a GPU machine runs it too): Triton needs CUDA or the interpreter.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        score_distribution(torch.randn(2, 10), [0, 1], [1.0, 2.0], backend="triton")
+        score_distribution(torch.randn(2, 10, device="cpu"), [0, 1], [1.0, 2.0], backend="triton")
 
 
 def test_empty_rows():
@@ -147,6 +153,7 @@ def test_empty_rows():
     assert out.probs.shape == (0, 2) and out.mean.shape == (0,)
 
 
+# Argument checks run before any device work, so this table stays on the CPU on every machine.
 GOOD = dict(logits=torch.randn(4, 10), token_ids=[1, 2, 3], values=[1.0, 2.0, 3.0])
 BAD_INPUTS = [
     (dict(logits=torch.randint(0, 5, (4, 10))), TypeError, "logits"),
@@ -184,8 +191,8 @@ def test_bad_inputs_raise_before_launch(override, error, word):
 def test_probabilities_are_a_distribution_and_mean_in_range(rows, num_bins, temperature, seed):
     torch.manual_seed(seed)
     logits = torch.randn(rows, 16, device=DEVICE) * 5
-    ids = torch.randperm(16)[:num_bins]
-    values = torch.linspace(1.0, 5.0, num_bins)
+    ids = torch.randperm(16, device=DEVICE)[:num_bins]
+    values = torch.linspace(1.0, 5.0, num_bins, device=DEVICE)
     out = score_distribution(logits, ids, values, temperature=temperature, backend="triton")
     torch.testing.assert_close(out.probs.sum(-1), torch.ones(rows, device=DEVICE))
     assert torch.all((out.mean >= 1.0 - 1e-5) & (out.mean <= 5.0 + 1e-5))

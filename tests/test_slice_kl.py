@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ATOL, DEVICE, DTYPES, assert_three_way, strided_rows
 
 import zr_kernels
 from zr_kernels import SliceKLLoss, reference, slice_kl
 from zr_kernels.kernels import slice_kl as slice_kl_kernels
 from zr_kernels.slice_kl import _slice_kl_backward_op, _slice_kl_op
+from tests.helpers import ATOL, DEVICE, DTYPES, assert_three_way, strided_rows
 
 RAN = [("slice_kl", "triton"), ("slice_kl.backward", "triton")]
 # (N, K, V, temperature): odd row counts, every block-size regime, V across several BLOCK_V chunks.
@@ -244,7 +244,7 @@ def _bad_inputs():
         ("teacher_probs", ValueError, (x, p[:3], ids), {}),
         ("teacher_probs", ValueError, (x, p, [1, 4]), {}),
         ("teacher_probs", ValueError, (x, p.to(other), ids), {}),
-        ("token_ids", TypeError, (x, p, torch.tensor([1.0, 4.0, 7.0])), {}),
+        ("token_ids", TypeError, (x, p, torch.tensor([1.0, 4.0, 7.0], device=DEVICE)), {}),
         ("token_ids", ValueError, (x, p, [1, 4, 10]), {}),
         ("token_ids", ValueError, (x, p, [1, 4, 4]), {}),
         ("normalize", ValueError, (x, p, ids), {"normalize": "full"}),
