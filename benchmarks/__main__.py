@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-OPS = ("score_distribution", "group_advantages", "pairwise_gap", "slice_kl", "linear_score", "student_scoring")
+OPS = ("score_distribution", "group_advantages", "pairwise_gap", "slice_kl", "linear_score", "student_scoring",
+       "overhead")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

@@ -40,5 +40,5 @@ def _case(rows: int, group_size: int, config: Config, headline: bool) -> Case:
 def cases(config: Config) -> list:
     if config.smoke:
         return [_case(16, 4, config, headline=False), _case(64, 16, config, headline=True)]
-    return [_case(rows, group, config, headline=(rows, group) == (16384, 16))
+    return [_case(rows, group, config, headline=(rows, group) == (16384, 8))
             for group in (4, 8, 16) for rows in (1024, 4096, 16384)]

@@ -46,6 +46,7 @@ class Provider:
     fn: Optional[Callable[..., Any]] = None
     skip: Optional[str] = None
     compiled: bool = False  # reset Dynamo before its first call (each case compiles afresh)
+    forward_only: bool = False  # a reference point with no backward (a bare launch): timed on fwd alone
 
 
 @dataclass
@@ -165,7 +166,7 @@ def _grad_outputs(out: Any) -> list:
 def _measure_provider(case: Case, provider: Provider, config: Config) -> dict:
     torch.manual_seed(0)
     inputs = case.make_inputs()
-    leaves = [inputs[name] for name in case.grad]
+    leaves = [] if provider.forward_only else [inputs[name] for name in case.grad]
     fn = provider.fn
 
     def forward():
@@ -194,7 +195,7 @@ def _measure_provider(case: Case, provider: Provider, config: Config) -> dict:
 
     wall = case.wall_clock
     record = {"fwd_ms": time_ms(forward, config, wall), "bwd_ms": None, "full_ms": None, "peak_mib": peak_mib,
-              "ran": sorted({f"{op}:{backend}" for op, backend in ran})}
+              "ran": sorted({f"{op}:{backend}" for op, backend in ran}), "forward_only": provider.forward_only}
     if leaves:
         outs = _grad_outputs(forward())
         grads = [torch.ones_like(o) for o in outs]
@@ -244,7 +245,7 @@ def _derive(records: list, case: Case, copy_gbps: Optional[float]) -> None:
             record["gbps"] = case.bytes_moved / ms / 1e6
             if copy_gbps:
                 record["pct_copy"] = 100 * record["gbps"] / copy_gbps
-        if base is not None and main_ms(base):
+        if base is not None and main_ms(base) and not record.get("forward_only"):  # a bare launch is no rival
             record["speedup"] = main_ms(base) / ms
         if case.items is not None:
             record["items_per_s"] = case.items / ms * 1e3

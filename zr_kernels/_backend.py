@@ -67,24 +67,39 @@ def _cuda_extension_available() -> bool:
     return True
 
 
-def run_fused(op, function: type[torch.autograd.Function], *args, needs_grad: bool):
-    """Run a fused op's forward through the cheapest route that keeps autograd and ``torch.compile`` working.
+class FusedRoute:
+    """How a fused op reaches its kernels, by the cheapest route that keeps autograd and ``torch.compile`` working.
 
     Traced by ``torch.compile``, the ``torch.library`` custom ``op`` goes into the graph (its fake and autograd
-    registrations are what the compiler needs). In eager mode, ``function`` (an ``autograd.Function`` built from
-    the same forward, context and backward) runs the launchers directly, without the custom op's Python
-    dispatch on every call; with no gradient to record, its forward runs bare.
+    registrations are what the compiler needs). In eager mode an ``autograd.Function`` built from the custom op's
+    own ``forward``, ``setup_context`` and ``backward`` launches the kernels directly, without the custom op's
+    Python dispatch on every call; with no gradient to record (or no ``backward``: forward-only ops), ``forward``
+    runs bare.
     """
-    if torch.compiler.is_compiling():
-        return op(*args)
-    if needs_grad and torch.is_grad_enabled():
-        return function.apply(*args)
-    return function.forward(*args)
+
+    def __init__(self, op, forward, setup_context=None, backward=None):
+        self.op, self.forward = op, forward
+        self.function = None if backward is None else _eager_function(op, forward, setup_context, backward)
+
+    def __call__(self, *args, needs_grad: bool = False):
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        if needs_grad and self.function is not None and torch.is_grad_enabled():
+            return self.function.apply(*args)
+        return self.forward(*args)
 
 
-def run_forward_only(op, forward, *args):
-    """``run_fused`` for ops without a gradient: the custom ``op`` when traced, else the bare ``forward``."""
-    return op(*args) if torch.compiler.is_compiling() else forward(*args)
+def _eager_function(op, forward, setup_context, backward) -> type[torch.autograd.Function]:
+    # The forward(ctx, *args) form: Function.apply binds a setup_context-style forward's arguments with
+    # inspect.signature on every call, which costs more than a kernel launch.
+    def forward_with_context(ctx, *args):
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    name = "".join(part.title() for part in op._name.split("::")[-1].split("_"))  # e.g. ScoreDistribution
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward_with_context),
+                                                   "backward": staticmethod(backward)})
 
 
 def note(op: str, backend: str) -> None:

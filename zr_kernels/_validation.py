@@ -145,7 +145,8 @@ def as_values(values, num_bins: int, device: torch.device, dtype: torch.dtype) -
         if not values.is_floating_point():
             raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
         if values.shape != (num_bins,):
-            raise ValueError(f"values must have shape ({num_bins},) (one score per token id), got {tuple(values.shape)}")
+            raise ValueError(f"values must have shape ({num_bins},) (one score per token id), "
+                             f"got {tuple(values.shape)}")
         if values.device == device or torch.compiler.is_compiling():
             return values.detach().to(device=device, dtype=dtype).contiguous()
         scores = tuple(values.tolist())

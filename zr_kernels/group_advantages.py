@@ -6,7 +6,7 @@ import math
 import torch
 
 from zr_kernels import reference
-from zr_kernels._backend import note, resolve_backend, run_forward_only
+from zr_kernels._backend import FusedRoute, note, resolve_backend
 from zr_kernels._validation import check_choice, check_float_in, check_float_tensor
 from zr_kernels.kernels.group_advantages import SCALES, group_advantages_fwd
 
@@ -17,6 +17,7 @@ def _group_advantages(rewards: torch.Tensor, group_size: int, scale: str, unbias
 
 
 _group_advantages_op = torch.library.custom_op("zr_kernels::group_advantages", _group_advantages, mutates_args=())
+_group_advantages_route = FusedRoute(_group_advantages_op, _group_advantages)
 
 
 @_group_advantages_op.register_fake
@@ -67,5 +68,4 @@ def group_advantages(rewards, group_size, scale="group", unbiased=True, eps=1e-6
         note("group_advantages", "reference")
         return reference.group_advantages(rewards, group_size, scale, unbiased, eps)
     # The advantages are constants of the policy-gradient loss: never part of the autograd graph.
-    return run_forward_only(_group_advantages_op, _group_advantages, rewards.detach(), group_size, scale, unbiased,
-                            eps)
+    return _group_advantages_route(rewards.detach(), group_size, scale, unbiased, eps)

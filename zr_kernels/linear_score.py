@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from zr_kernels import reference
-from zr_kernels._backend import note, resolve_backend, run_fused
+from zr_kernels._backend import FusedRoute, note, resolve_backend
 from zr_kernels._types import ScoreDist, stats_dtype
 from zr_kernels._validation import as_token_ids, as_values, check_float_tensor, check_positive_float, check_same_device
 from zr_kernels.kernels import linear_score as triton_launchers
@@ -119,12 +119,10 @@ _linear_score_op.register_autograd(_backward_with(_grad_logits_op, _grad_hidden_
                                    setup_context=_setup_context)
 
 
-class _LinearScore(torch.autograd.Function):
-    """The eager route: the custom op's forward, context and backward, launched directly."""
-
-    forward = staticmethod(_forward)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward_with(_launch_grad_logits, _launch_grad_hidden, _launch_grad_weight))
+_linear_score_route = FusedRoute(
+    _linear_score_op, _forward, _setup_context,
+    _backward_with(_launch_grad_logits, _launch_grad_hidden, _launch_grad_weight),
+)
 
 
 def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=1.0, *, backend=None) -> ScoreDist:
@@ -182,8 +180,8 @@ def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=
         note("linear_score", "reference")
         return reference.linear_score(hidden, weight, values, ids, bias, temperature)
     needs_grad = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    probs, mean, std = run_fused(_linear_score_op, _LinearScore, hidden, weight, ids, bias, values, temperature, chosen,
-                                 needs_grad=needs_grad)
+    probs, mean, std = _linear_score_route(hidden, weight, ids, bias, values, temperature, chosen,
+                                           needs_grad=needs_grad)
     return ScoreDist(probs, mean, std, None)
 
 

@@ -6,7 +6,7 @@ import math
 import torch
 
 from zr_kernels import reference
-from zr_kernels._backend import note, resolve_backend, run_forward_only, run_fused
+from zr_kernels._backend import FusedRoute, note, resolve_backend
 from zr_kernels._types import PairGap, stats_dtype
 from zr_kernels._validation import (check_choice, check_float_in, check_float_tensor, check_positive_float,
                                     check_same_device, check_shape)
@@ -69,12 +69,7 @@ def _backward_with(launch):
 _pairwise_gap_op.register_autograd(_backward_with(_pairwise_gap_backward_op), setup_context=_setup_context)
 
 
-class _PairwiseGap(torch.autograd.Function):
-    """The eager route: the custom op's forward, context and backward, launched directly."""
-
-    forward = staticmethod(_forward)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward_with(_launch_backward))
+_pairwise_gap_route = FusedRoute(_pairwise_gap_op, _forward, _setup_context, _backward_with(_launch_backward))
 
 
 def _gdso_rewards(mu_w: torch.Tensor, mu_l: torch.Tensor, s_w: torch.Tensor, s_l: torch.Tensor,
@@ -84,6 +79,9 @@ def _gdso_rewards(mu_w: torch.Tensor, mu_l: torch.Tensor, s_w: torch.Tensor, s_l
 
 
 _gdso_rewards_op = torch.library.custom_op("zr_kernels::gdso_rewards", _gdso_rewards, mutates_args=())
+
+
+_gdso_rewards_route = FusedRoute(_gdso_rewards_op, _gdso_rewards)
 
 
 @_gdso_rewards_op.register_fake
@@ -137,8 +135,7 @@ def pairwise_gap(mu_w, mu_l, gap, score_range, *, backend=None) -> PairGap:
         note("pairwise_gap", "reference")
         return reference.pairwise_gap(mu_w, mu_l, gap, score_range)
     needs_grad = mu_w.requires_grad or mu_l.requires_grad
-    return PairGap(*run_fused(_pairwise_gap_op, _PairwiseGap, mu_w, mu_l, gap.detach(), score_range,
-                              needs_grad=needs_grad))
+    return PairGap(*_pairwise_gap_route(mu_w, mu_l, gap.detach(), score_range, needs_grad=needs_grad))
 
 
 def gdso_rewards(mu_w, mu_l, s_w, s_l, score_min, score_max, lambda_pt, lambda_pw, *, backend=None):
@@ -172,8 +169,8 @@ def gdso_rewards(mu_w, mu_l, s_w, s_l, score_min, score_max, lambda_pt, lambda_p
         note("gdso_rewards", "reference")
         return reference.gdso_rewards(mu_w, mu_l, s_w, s_l, score_min, score_max, lambda_pt, lambda_pw)
     # Rewards are constants of the policy-gradient loss: never part of the autograd graph.
-    return run_forward_only(_gdso_rewards_op, _gdso_rewards, mu_w.detach(), mu_l.detach(), s_w.detach(),
-                            s_l.detach(), score_max - score_min, lambda_pt, lambda_pw)
+    return _gdso_rewards_route(mu_w.detach(), mu_l.detach(), s_w.detach(), s_l.detach(), score_max - score_min,
+                               lambda_pt, lambda_pw)
 
 
 class PairwiseGapLoss(torch.nn.Module):

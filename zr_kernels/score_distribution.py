@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from zr_kernels import reference
-from zr_kernels._backend import note, resolve_backend, run_fused
+from zr_kernels._backend import FusedRoute, note, resolve_backend
 from zr_kernels._types import ScoreDist, stats_dtype
 from zr_kernels._validation import as_token_ids, as_values, check_float_tensor, check_positive_float, check_target
 from zr_kernels.kernels.score_distribution import score_distribution_bwd, score_distribution_fwd
@@ -65,8 +65,8 @@ def _backward_with(launch):
     """The backward formula, launching through ``launch``: the custom op (compiled graphs) or the launcher."""
     def backward(ctx, grad_probs, grad_mean, grad_std, grad_nll):
         probs, mean, std, target, ids, values = ctx.saved_tensors
-        grads = (None if g is None else g.to(probs.dtype).contiguous() for g in (grad_probs, grad_mean, grad_std,
-                                                                                 grad_nll if target is not None else None))
+        grad_nll = grad_nll if target is not None else None  # without a target, nll is an empty placeholder
+        grads = (None if g is None else g.to(probs.dtype).contiguous() for g in (grad_probs, grad_mean, grad_std, grad_nll))
         grad_logits = launch(*grads, probs, mean, std, target, ids, values, ctx.temperature, ctx.vocab_size,
                              ctx.dtype)
         return grad_logits, None, None, None, None
@@ -76,12 +76,8 @@ def _backward_with(launch):
 _score_distribution_op.register_autograd(_backward_with(_score_distribution_backward_op), setup_context=_setup_context)
 
 
-class _ScoreDistribution(torch.autograd.Function):
-    """The eager route: the custom op's forward, context and backward, launched directly."""
-
-    forward = staticmethod(_forward)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward_with(_launch_backward))
+_score_distribution_route = FusedRoute(_score_distribution_op, _forward, _setup_context,
+                                       _backward_with(_launch_backward))
 
 
 def _as_rows(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,8 +128,8 @@ def score_distribution(logits, token_ids, values, target=None, temperature=1.0, 
         return reference.score_distribution(logits, ids, values, target, temperature)
     rows, row_ids = _as_rows(logits, ids)
     target_rows = target.reshape(-1) if target is not None else None
-    probs, mean, std, nll = run_fused(_score_distribution_op, _ScoreDistribution, rows, row_ids, values, target_rows,
-                                      temperature, needs_grad=logits.requires_grad)
+    probs, mean, std, nll = _score_distribution_route(rows, row_ids, values, target_rows, temperature,
+                                                      needs_grad=logits.requires_grad)
     nll = nll if target is not None else None
     if logits.dim() == 2:  # rows are already the caller's shape
         return ScoreDist(probs, mean, std, nll)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from zr_kernels import reference
-from zr_kernels._backend import note, resolve_backend, run_fused
+from zr_kernels._backend import FusedRoute, note, resolve_backend
 from zr_kernels._validation import (
     as_token_ids, check_choice, check_float_in, check_float_tensor, check_positive_float, check_same_device,
     check_shape,
@@ -75,12 +75,7 @@ def _backward_with(launch):
 _slice_kl_op.register_autograd(_backward_with(_slice_kl_backward_op), setup_context=_setup_context)
 
 
-class _SliceKL(torch.autograd.Function):
-    """The eager route: the custom op's forward, context and backward, launched directly."""
-
-    forward = staticmethod(_forward)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward_with(_launch_backward))
+_slice_kl_route = FusedRoute(_slice_kl_op, _forward, _setup_context, _backward_with(_launch_backward))
 
 
 def slice_kl(student_logits, teacher_probs, token_ids, normalize="slice", beta=0.0, temperature=1.0,
@@ -128,8 +123,8 @@ def slice_kl(student_logits, teacher_probs, token_ids, normalize="slice", beta=0
     if resolve_backend("slice_kl", backend, student_logits.device) == "reference":
         note("slice_kl", "reference")
         return reference.slice_kl(student_logits, teacher_probs, ids, normalize, beta, temperature, reduction)
-    per_row, _ = run_fused(_slice_kl_op, _SliceKL, student_logits, teacher_probs.detach(), ids, normalize == "vocab",
-                           beta, temperature, needs_grad=student_logits.requires_grad)
+    per_row, _ = _slice_kl_route(student_logits, teacher_probs.detach(), ids, normalize == "vocab", beta, temperature,
+                                 needs_grad=student_logits.requires_grad)
     return reduce_rows(per_row, reduction, ids.numel())
 
 
