@@ -110,6 +110,35 @@ def test_linear_score_gradient_of_a_subset_of_outputs(used):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_broadcast_upstream_gradients_are_read_through_their_strides():
+    """``.sum()`` / ``.mean()`` hand the backward one value broadcast over the rows (stride 0): no copy is made,
+    and the gradients equal the reference's."""
+    torch.manual_seed(4)
+    logits, target = torch.randn(9, 30, device=DEVICE) * 2, torch.randint(0, 5, (9,), device=DEVICE)
+    mu_w, mu_l = torch.rand(6, 4, device=DEVICE) * 4 + 1, torch.rand(6, 4, device=DEVICE) * 4 + 1
+    teacher = torch.softmax(torch.randn(9, 5, device=DEVICE), -1)
+    ids = [1, 4, 9, 16, 25]
+
+    def losses(module, **backend):
+        return {
+            "score_distribution": lambda x: sum(o.sum() for o in module.score_distribution(x, ids, VALUES, target,
+                                                                                           **backend)),
+            "slice_kl": lambda x: module.slice_kl(x, teacher, ids, reduction="mean", **backend),
+            "pairwise_gap": lambda x: module.pairwise_gap(x[:6, :4] + mu_w, mu_l, mu_w[:, 0], 4.0, **backend).loss.mean(),
+        }
+
+    for name, fused in losses(zr_kernels, backend="triton").items():
+        grads, traces = [], []
+        for fn in (fused, losses(reference)[name]):
+            x = logits.clone().requires_grad_()
+            with trace_backends() as ran:
+                fn(x).backward()
+            grads.append(x.grad)
+            traces.append(ran)
+        assert (f"{name}.backward", "triton") in traces[0]
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_constant_ids_and_values_are_converted_once_and_still_checked():
     logits = torch.randn(2, 30, device=DEVICE)
     first = _validation.as_token_ids([4, 5, 6], 30, DEVICE)

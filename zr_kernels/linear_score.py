@@ -101,7 +101,7 @@ def _backward_with(grad_logits_fn, grad_hidden_fn, grad_weight_fn):
     def backward(ctx, grad_probs, grad_mean, grad_std):
         hidden, weight, ids, probs, mean, std, values = ctx.saved_tensors
         need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
-        upstream = (None if g is None else g.to(probs.dtype).contiguous() for g in (grad_probs, grad_mean, grad_std))
+        upstream = (None if g is None else g.to(probs.dtype) for g in (grad_probs, grad_mean, grad_std))
         grad_logits = grad_logits_fn(*upstream, probs, mean, std, values, ctx.temperature, ctx.backend)
         grad_hidden = grad_weight = grad_bias = None
         if need_hidden:

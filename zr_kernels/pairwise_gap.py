@@ -60,7 +60,7 @@ def _backward_with(launch):
         if grad_loss is None:
             return None, None, None, None
         mu_w, mu_l, gap = ctx.saved_tensors
-        grad_loss = grad_loss.to(stats_dtype(mu_w.dtype, mu_l.dtype)).contiguous()
+        grad_loss = grad_loss.to(stats_dtype(mu_w.dtype, mu_l.dtype))
         grad_w, grad_l = launch(grad_loss, mu_w, mu_l, gap, ctx.score_range)
         return grad_w, grad_l, None, None
     return backward

@@ -66,7 +66,7 @@ def _backward_with(launch):
     def backward(ctx, grad_probs, grad_mean, grad_std, grad_nll):
         probs, mean, std, target, ids, values = ctx.saved_tensors
         grad_nll = grad_nll if target is not None else None  # without a target, nll is an empty placeholder
-        grads = (None if g is None else g.to(probs.dtype).contiguous() for g in (grad_probs, grad_mean, grad_std, grad_nll))
+        grads = (None if g is None else g.to(probs.dtype) for g in (grad_probs, grad_mean, grad_std, grad_nll))
         grad_logits = launch(*grads, probs, mean, std, target, ids, values, ctx.temperature, ctx.vocab_size,
                              ctx.dtype)
         return grad_logits, None, None, None, None

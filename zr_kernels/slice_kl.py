@@ -66,7 +66,7 @@ def _backward_with(launch):
         if grad_loss is None:
             return None, None, None, None, None, None
         student_logits, teacher_probs, ids, lse = ctx.saved_tensors
-        grad_logits = launch(grad_loss.float().contiguous(), student_logits, teacher_probs, ids, lse, ctx.vocab_norm,
+        grad_logits = launch(grad_loss.float(), student_logits, teacher_probs, ids, lse, ctx.vocab_norm,
                              ctx.beta, ctx.temperature)
         return grad_logits, None, None, None, None, None
     return backward

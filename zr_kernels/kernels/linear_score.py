@@ -205,7 +205,7 @@ def linear_score_fwd(hidden, weight, ids, bias, values, temperature: float):
 
 def linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature: float):
     """``grad_logits [N, K]`` (statistics dtype, divided by the temperature) from the upstream gradients (each
-    None when that output is unused)."""
+    None when that output is unused, else any strides)."""
     n_bins = probs.shape[1]
     return score_distribution_bwd(grad_probs, grad_mean, grad_std, None, probs, mean, std, None,
                                   cached_arange(n_bins, probs.device), values, temperature, n_bins, probs.dtype)

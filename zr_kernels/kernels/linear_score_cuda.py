@@ -44,6 +44,8 @@ def linear_score_fwd(hidden, weight, ids, bias, values, temperature: float):
 
 def linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature: float):
     n_rows, n_bins = probs.shape
+    # The kernel reads contiguous upstream gradients (a .sum()'s broadcast gradient is copied here).
+    grad_probs, grad_mean, grad_std = (g if g is None else g.contiguous() for g in (grad_probs, grad_mean, grad_std))
     grad_logits = torch.empty_like(probs)
     _ext().grad_logits(
         n_rows, n_bins, _ptr(grad_probs), _ptr(grad_mean), _ptr(grad_std), probs.data_ptr(),  # None: unused output

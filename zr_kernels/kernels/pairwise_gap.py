@@ -78,7 +78,7 @@ def _pairwise_gap_fwd_kernel(
 @triton.jit
 def _pairwise_gap_bwd_kernel(
     grad_loss_ptr, mu_w_ptr, mu_l_ptr, gap_ptr, grad_w_ptr, grad_l_ptr,
-    n_pairs, group_size, stride_wp, stride_wg, stride_lp, stride_lg, stride_gap, inv_range,
+    n_pairs, group_size, stride_wp, stride_wg, stride_lp, stride_lg, stride_gap, stride_grad, inv_range,
     BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_type = grad_loss_ptr.dtype.element_ty
@@ -91,7 +91,8 @@ def _pairwise_gap_bwd_kernel(
     mu_w = mu_w.to(acc_type)
     gap = tl.load(gap_ptr + pairs64 * stride_gap, mask=pair_ok, other=0.0).to(acc_type)
     # d loss_p / d d_ik = grad_loss_p * sign(d_ik) / (G² R), with sign(0) = 0 (torch.abs's subgradient).
-    g = tl.load(grad_loss_ptr + pairs, mask=pair_ok, other=0.0) * (inv_range / (group_size * group_size))
+    g = tl.load(grad_loss_ptr + pairs64 * stride_grad, mask=pair_ok, other=0.0)
+    g = g * (inv_range / (group_size * group_size))
 
     row_sums = tl.zeros([BLOCK_P, BLOCK_G], dtype=acc_type)
     for start in range(0, group_size, BLOCK_K):
@@ -143,7 +144,7 @@ def gdso_rewards_fwd(mu_w: torch.Tensor, mu_l: torch.Tensor, s_w: torch.Tensor, 
 
 def pairwise_gap_bwd(grad_loss: torch.Tensor, mu_w: torch.Tensor, mu_l: torch.Tensor, gap: torch.Tensor,
                      score_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward (``grad_loss`` contiguous ``[P]`` in the stats dtype); gradients in each input's dtype."""
+    """Launch the backward (``grad_loss [P]`` in the stats dtype, any stride); gradients in each input's dtype."""
     n_pairs, group_size = mu_w.shape
     grad_w = torch.empty(n_pairs, group_size, device=mu_w.device, dtype=mu_w.dtype)
     grad_l = torch.empty(n_pairs, group_size, device=mu_l.device, dtype=mu_l.dtype)
@@ -152,6 +153,6 @@ def pairwise_gap_bwd(grad_loss: torch.Tensor, mu_w: torch.Tensor, mu_l: torch.Te
         _pairwise_gap_bwd_kernel[(triton.cdiv(n_pairs, block_p),)](
             grad_loss, mu_w, mu_l, gap, grad_w, grad_l,
             n_pairs, group_size, mu_w.stride(0), mu_w.stride(1), mu_l.stride(0), mu_l.stride(1), gap.stride(0),
-            1.0 / score_range, BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_K=block_k,
+            grad_loss.stride(0), 1.0 / score_range, BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_K=block_k,
         )
     return grad_w, grad_l

@@ -64,7 +64,8 @@ def _score_distribution_fwd_kernel(
 def _score_distribution_bwd_kernel(
     grad_probs_ptr, grad_mean_ptr, grad_std_ptr, grad_nll_ptr,
     probs_ptr, mean_ptr, std_ptr, target_ptr, ids_ptr, values_ptr, grad_logits_ptr,
-    n_rows, n_bins, vocab_size, stride_target, temperature,
+    n_rows, n_bins, vocab_size, stride_target, stride_gp_row, stride_gp_col, stride_g_mean, stride_g_std,
+    stride_g_nll, temperature,
     HAS_TARGET: tl.constexpr, GRAD_PROBS: tl.constexpr, GRAD_MEAN: tl.constexpr, GRAD_STD: tl.constexpr,
     GRAD_NLL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
 ):
@@ -81,16 +82,19 @@ def _score_distribution_bwd_kernel(
 
     p = tl.load(probs_ptr + slice_offsets, mask=ok, other=0.0)
     # An output whose gradient is absent (unused downstream) contributes nothing; its pointer is never read.
+    # Upstream gradients are read through their strides: the gradient of a .sum() is one value broadcast
+    # (stride 0), and making it contiguous would cost a copy kernel per output.
     g_p = tl.zeros([BLOCK_ROWS, BLOCK_BINS], dtype=acc_type)
     if GRAD_PROBS:
-        g_p += tl.load(grad_probs_ptr + slice_offsets, mask=ok, other=0.0)
+        g_p += tl.load(grad_probs_ptr + rows64[:, None] * stride_gp_row + bins[None, :] * stride_gp_col, mask=ok,
+                       other=0.0).to(acc_type)
     if GRAD_MEAN:
-        g_mean = tl.load(grad_mean_ptr + rows, mask=row_ok, other=0.0)
+        g_mean = tl.load(grad_mean_ptr + rows64 * stride_g_mean, mask=row_ok, other=0.0).to(acc_type)
         g_p += g_mean[:, None] * values[None, :]
     if GRAD_STD:
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         std = tl.load(std_ptr + rows, mask=row_ok, other=1.0)
-        g_std = tl.load(grad_std_ptr + rows, mask=row_ok, other=0.0)
+        g_std = tl.load(grad_std_ptr + rows64 * stride_g_std, mask=row_ok, other=0.0).to(acc_type)
         centered = values[None, :] - mean[:, None]
         # d std / d p_k = (v_k - mean)^2 / (2 std); taken as 0 where std == 0 (same as the reference).
         std_scale = tl.where(std > 0, g_std / (2.0 * std), 0.0)
@@ -98,7 +102,7 @@ def _score_distribution_bwd_kernel(
     g_z = p * (g_p - tl.sum(p * g_p, axis=1)[:, None])
     if HAS_TARGET and GRAD_NLL:
         t = tl.load(target_ptr + rows64 * stride_target, mask=row_ok, other=0)
-        g_nll = tl.load(grad_nll_ptr + rows, mask=row_ok, other=0.0)
+        g_nll = tl.load(grad_nll_ptr + rows64 * stride_g_nll, mask=row_ok, other=0.0).to(acc_type)
         g_z += g_nll[:, None] * (p - tl.where(bins[None, :] == t[:, None], 1.0, 0.0).to(acc_type))
     g_logits = g_z / temperature
     tl.store(grad_logits_ptr + rows64[:, None] * vocab_size + ids[None, :],
@@ -130,16 +134,19 @@ def score_distribution_fwd(logits: torch.Tensor, ids: torch.Tensor, values: torc
 
 def score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
                            temperature: float, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Launch the backward. Each upstream gradient is None (that output is unused) or contiguous in the
-    statistics dtype. Returns ``[M, V]`` in ``dtype``, zero off the K score columns."""
+    """Launch the backward. Each upstream gradient is None (that output is unused) or a tensor in the statistics
+    dtype with any strides. Returns ``[M, V]`` in ``dtype``, zero off the K score columns."""
     n_rows, n_bins = probs.shape
     grad_logits = torch.zeros(n_rows, vocab_size, device=probs.device, dtype=dtype)
     if n_rows:
         block_rows, block_bins = _blocks(n_bins)
+        upstream = (grad_probs, grad_mean, grad_std, grad_nll)
         _score_distribution_bwd_kernel[(triton.cdiv(n_rows, block_rows),)](
-            *(probs if g is None else g for g in (grad_probs, grad_mean, grad_std, grad_nll)),
+            *(probs if g is None else g for g in upstream),
             probs, mean, std, target if target is not None else ids, ids, values, grad_logits,
-            n_rows, n_bins, vocab_size, target.stride(0) if target is not None else 0, temperature,
+            n_rows, n_bins, vocab_size, target.stride(0) if target is not None else 0,
+            *(grad_probs.stride() if grad_probs is not None else (0, 0)),
+            *(g.stride(0) if g is not None else 0 for g in upstream[1:]), temperature,
             HAS_TARGET=target is not None, GRAD_PROBS=grad_probs is not None, GRAD_MEAN=grad_mean is not None,
             GRAD_STD=grad_std is not None, GRAD_NLL=grad_nll is not None,
             BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,

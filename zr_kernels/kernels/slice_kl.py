@@ -108,7 +108,7 @@ def _slice_kl_fwd_kernel(
 @triton.jit
 def _slice_kl_bwd_kernel(
     grad_loss_ptr, logits_ptr, teacher_ptr, ids_ptr, lse_ptr, grad_logits_ptr,
-    n_rows, n_bins, vocab_size, stride_row, stride_col, stride_t_row, stride_t_col, beta, temperature,
+    n_rows, n_bins, vocab_size, stride_row, stride_col, stride_t_row, stride_t_col, stride_grad, beta, temperature,
     MODE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
 ):
     rows, rows64, ids, ok, z, p = _load_slice(
@@ -126,7 +126,7 @@ def _slice_kl_bwd_kernel(
         log_m = tl.log(beta * p + (1.0 - beta) * q)
         h = (1.0 - beta) * _kl_terms(q, log_q, log_m)  # the p-terms and the +q cancel through m
     h = tl.where(ok, h, 0.0)
-    g = tl.load(grad_loss_ptr + rows, mask=rows < n_rows, other=0.0)
+    g = tl.load(grad_loss_ptr + rows64 * stride_grad, mask=rows < n_rows, other=0.0)
     g_z = (h - q * tl.sum(h, axis=1)[:, None]) * (g / temperature)[:, None]
     tl.store(grad_logits_ptr + rows64[:, None] * vocab_size + ids[None, :],
              g_z.to(grad_logits_ptr.dtype.element_ty), mask=ok)
@@ -160,8 +160,8 @@ def _vocab_lse_kernel(
 @triton.jit
 def _vocab_grad_kernel(
     grad_loss_ptr, logits_ptr, teacher_ptr, lse_ptr, grad_logits_ptr,
-    n_rows, n_bins, vocab_size, split_size, stride_row, stride_col, stride_t_row, stride_t_col, temperature,
-    BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_V: tl.constexpr,
+    n_rows, n_bins, vocab_size, split_size, stride_row, stride_col, stride_t_row, stride_t_col, stride_grad,
+    temperature, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """``g/T · Σp · softmax(z)`` on every column of the split; the K score columns are then rewritten by the
     slice kernel."""
@@ -172,7 +172,7 @@ def _vocab_grad_kernel(
     rows64 = rows.to(tl.int64)
     p = tl.load(teacher_ptr + rows64[:, None] * stride_t_row + bins[None, :] * stride_t_col,
                 mask=row_ok[:, None] & (bins < n_bins)[None, :], other=0.0).to(tl.float32)
-    g = tl.load(grad_loss_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(grad_loss_ptr + rows64 * stride_grad, mask=row_ok, other=0.0)
     scale = g * tl.sum(p, axis=1) / temperature
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     for offset in range(0, split_size, BLOCK_V):
@@ -214,12 +214,13 @@ def slice_kl_fwd(logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor,
 
 def slice_kl_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor,
                  lse: torch.Tensor, vocab_norm: bool, beta: float, temperature: float) -> torch.Tensor:
-    """Launch the backward; ``grad_loss`` is contiguous fp32 ``[N]``. Returns ``[N, V]`` in the logits' dtype."""
+    """Launch the backward; ``grad_loss`` is fp32 ``[N]``, any stride (a mean's gradient is one value broadcast).
+    Returns ``[N, V]`` in the logits' dtype."""
     (n_rows, vocab_size), n_bins = logits.shape, ids.numel()
     make = torch.empty if vocab_norm else torch.zeros  # vocab mode writes every column
     grad_logits = make(n_rows, vocab_size, device=logits.device, dtype=logits.dtype)
     if n_rows:
-        strides = (logits.stride(0), logits.stride(1), teacher.stride(0), teacher.stride(1))
+        strides = (logits.stride(0), logits.stride(1), teacher.stride(0), teacher.stride(1), grad_loss.stride(0))
         block_rows, block_bins = _blocks(n_bins)
         if vocab_norm:
             block_rows_v, block_v, n_splits, split_size = _vocab_blocks(n_rows, vocab_size)
