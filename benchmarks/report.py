@@ -203,7 +203,7 @@ def markdown(data: dict) -> str:
     lines = [
         "# Z-Reward kernel benchmarks", "",
         f"- device: **{meta['device_name']}**" + (" (smoke shapes)" if meta["smoke"] else ""),
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- command: `{meta['command']}`" + (f" at commit `{meta['commit']}`" if meta.get("commit") else ""),
         f"- device-to-device copy: {meta['copy_gbps']:.3g} GB/s (read + write), the roofline for % copy",
         "- times are medians; fwd+bwd is one forward and the backward of every output with a ones gradient; "

@@ -15,12 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
+from zr_kernels.kernels._grid import cdiv, next_power_of_2
+
 SCALES = ("group", "batch", "none")
 _TILE = 4096
 
 
 def _blocks(group_size: int) -> tuple[int, int]:
-    block_cols = min(triton.next_power_of_2(group_size), 1024)
+    block_cols = min(next_power_of_2(group_size), 1024)
     return max(1, min(64, _TILE // block_cols)), block_cols
 
 
@@ -119,17 +121,17 @@ def group_advantages_fwd(rewards: torch.Tensor, group_size: int, scale: str, unb
         return out
     n_groups = n // group_size
     part_block = _TILE
-    n_parts = triton.cdiv(n, part_block)
+    n_parts = cdiv(n, part_block)
     part_mean = part_m2 = out  # placeholders; only read when scale == "batch"
     if scale == "batch":
         part_mean, part_m2 = (torch.empty(n_parts, device=rewards.device, dtype=torch.float32) for _ in range(2))
         _batch_moments_kernel[(n_parts,)](rewards, part_mean, part_m2, n, rewards.stride(0), BLOCK=part_block)
     block_groups, block_cols = _blocks(group_size)
-    _group_advantages_kernel[(triton.cdiv(n_groups, block_groups),)](
+    _group_advantages_kernel[(cdiv(n_groups, block_groups),)](
         rewards, part_mean, part_m2, out,
         n, n_groups, group_size, rewards.stride(0), n_parts, eps, int(unbiased),
         GROUP_STD=scale == "group", BATCH_STD=scale == "batch",
-        PART_BLOCK=part_block, BLOCK_P=min(triton.next_power_of_2(n_parts), 1024),
+        PART_BLOCK=part_block, BLOCK_P=min(next_power_of_2(n_parts), 1024),
         BLOCK_GROUPS=block_groups, BLOCK_COLS=block_cols,
     )
     return out

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zr_kernels.kernels._grid import cdiv, next_power_of_2
 from zr_kernels._backend import interpreter_enabled
 from zr_kernels._types import stats_dtype
 from zr_kernels._validation import cached_arange
@@ -27,7 +28,7 @@ ROWS_PER_SPLIT = 1024  # hidden rows per weight-gradient partial (a multiple of 
 
 
 def _block_bins(num_bins: int) -> int:
-    return max(16, triton.next_power_of_2(num_bins))
+    return max(16, next_power_of_2(num_bins))
 
 
 def _dot_in_input_dtype(dtype: torch.dtype) -> bool:
@@ -193,7 +194,7 @@ def linear_score_fwd(hidden, weight, ids, bias, values, temperature: float):
     probs = torch.empty(n_rows, n_bins, **out)
     mean, std = torch.empty(n_rows, **out), torch.empty(n_rows, **out)
     if n_rows:
-        _linear_score_fwd_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
+        _linear_score_fwd_kernel[(cdiv(n_rows, BLOCK_ROWS),)](
             hidden, weight, _ids_arg(ids, values), bias if bias is not None else values, values, probs, mean, std,
             n_rows, dim, n_bins, weight.shape[0], hidden.stride(0), hidden.stride(1), weight.stride(0),
             weight.stride(1), bias.stride(0) if bias is not None else 0, temperature,
@@ -216,7 +217,7 @@ def linear_score_grad_hidden(grad_logits, weight, ids, dim: int) -> torch.Tensor
     n_rows, n_bins = grad_logits.shape
     grad_hidden = torch.empty(n_rows, dim, device=grad_logits.device, dtype=weight.dtype)
     if n_rows:
-        grid = (triton.cdiv(n_rows, BLOCK_ROWS), triton.cdiv(dim, BLOCK_D))
+        grid = (cdiv(n_rows, BLOCK_ROWS), cdiv(dim, BLOCK_D))
         _linear_score_grad_hidden_kernel[grid](
             grad_logits, weight, _ids_arg(ids, grad_logits), grad_hidden,
             n_rows, dim, n_bins, weight.shape[0], weight.stride(0), weight.stride(1),
@@ -235,16 +236,16 @@ def linear_score_grad_weight(grad_logits, hidden, ids, num_weight_rows: int, wit
     scattered = ids is not None
     grad_weight = (torch.zeros if scattered else torch.empty)(num_weight_rows, dim, **out)
     grad_bias = (torch.zeros if scattered else torch.empty)(num_weight_rows if with_bias else 0, **out)
-    splits = max(1, triton.cdiv(n_rows, ROWS_PER_SPLIT))
+    splits = max(1, cdiv(n_rows, ROWS_PER_SPLIT))
     partial_w = torch.empty(splits, n_bins, dim, device=hidden.device, dtype=grad_logits.dtype)
     partial_b = torch.empty(splits, n_bins, device=hidden.device, dtype=grad_logits.dtype)
     block_bins = _block_bins(n_bins)
-    _linear_score_weight_partials_kernel[(triton.cdiv(dim, BLOCK_D), splits)](
+    _linear_score_weight_partials_kernel[(cdiv(dim, BLOCK_D), splits)](
         grad_logits, hidden, partial_w, partial_b,
         n_rows, dim, n_bins, hidden.stride(0), hidden.stride(1), ROWS_PER_SPLIT,
         BLOCK_ROWS=BLOCK_ROWS, BLOCK_BINS=block_bins, BLOCK_D=BLOCK_D,
     )
-    _linear_score_sum_partials_kernel[(triton.cdiv(dim, BLOCK_D),)](
+    _linear_score_sum_partials_kernel[(cdiv(dim, BLOCK_D),)](
         partial_w, partial_b, _ids_arg(ids, partial_b), grad_weight, grad_bias if with_bias else partial_b,
         splits, dim, n_bins, num_weight_rows,
         HAS_IDS=scattered, HAS_BIAS=with_bias, BLOCK_BINS=block_bins, BLOCK_D=BLOCK_D,

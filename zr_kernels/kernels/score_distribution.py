@@ -12,11 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
+from zr_kernels.kernels._grid import cdiv, next_power_of_2
 from zr_kernels._types import stats_dtype
 
 
 def _blocks(num_bins: int) -> tuple[int, int]:
-    block_bins = triton.next_power_of_2(num_bins)
+    block_bins = next_power_of_2(num_bins)
     return max(1, min(64, 4096 // block_bins)), block_bins
 
 
@@ -122,7 +123,7 @@ def score_distribution_fwd(logits: torch.Tensor, ids: torch.Tensor, values: torc
     nll = torch.empty(n_rows if target is not None else 0, **out)
     if n_rows:
         block_rows, block_bins = _blocks(n_bins)
-        _score_distribution_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+        _score_distribution_fwd_kernel[(cdiv(n_rows, block_rows),)](
             logits, ids, values, target if target is not None else ids,
             probs, mean, std, nll,
             n_rows, n_bins, logits.stride(0), logits.stride(1),
@@ -141,7 +142,7 @@ def score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mea
     if n_rows:
         block_rows, block_bins = _blocks(n_bins)
         upstream = (grad_probs, grad_mean, grad_std, grad_nll)
-        _score_distribution_bwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+        _score_distribution_bwd_kernel[(cdiv(n_rows, block_rows),)](
             *(probs if g is None else g for g in upstream),
             probs, mean, std, target if target is not None else ids, ids, values, grad_logits,
             n_rows, n_bins, vocab_size, target.stride(0) if target is not None else 0,

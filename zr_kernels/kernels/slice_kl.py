@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zr_kernels.kernels._grid import cdiv, next_power_of_2
 from zr_kernels.kernels.score_distribution import _blocks
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
@@ -30,12 +31,12 @@ def divergence_mode(beta: float) -> int:
 
 def _vocab_blocks(n_rows: int, vocab_size: int) -> tuple[int, int, int, int]:
     """``BLOCK_ROWS, BLOCK_V``, the number of V splits per row and the columns per split (a BLOCK_V multiple)."""
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
+    block_v = min(MAX_BLOCK_V, next_power_of_2(vocab_size))
     block_rows = max(1, min(16, MAX_BLOCK_V // block_v))
-    chunks = triton.cdiv(vocab_size, block_v)
-    splits = max(1, min(chunks, TARGET_PROGRAMS // triton.cdiv(n_rows, block_rows)))
-    split_size = triton.cdiv(chunks, splits) * block_v
-    return block_rows, block_v, triton.cdiv(vocab_size, split_size), split_size
+    chunks = cdiv(vocab_size, block_v)
+    splits = max(1, min(chunks, TARGET_PROGRAMS // cdiv(n_rows, block_rows)))
+    split_size = cdiv(chunks, splits) * block_v
+    return block_rows, block_v, cdiv(vocab_size, split_size), split_size
 
 
 @triton.jit
@@ -197,13 +198,13 @@ def slice_kl_fwd(logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor,
     if n_rows and vocab_norm:
         block_rows_v, block_v, n_splits, split_size = _vocab_blocks(n_rows, vocab_size)
         part_max, part_sum = torch.empty(2, n_splits, n_rows, device=logits.device, dtype=torch.float32)
-        _vocab_lse_kernel[(triton.cdiv(n_rows, block_rows_v), n_splits)](
+        _vocab_lse_kernel[(cdiv(n_rows, block_rows_v), n_splits)](
             logits, part_max, part_sum, n_rows, vocab_size, split_size, logits.stride(0), logits.stride(1),
             temperature, BLOCK_ROWS=block_rows_v, BLOCK_V=block_v,
         )
     if n_rows:
         block_rows, block_bins = _blocks(n_bins)
-        _slice_kl_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+        _slice_kl_fwd_kernel[(cdiv(n_rows, block_rows),)](
             logits, teacher, ids, part_max, part_sum, lse, loss,
             n_rows, n_bins, n_splits, logits.stride(0), logits.stride(1), teacher.stride(0), teacher.stride(1),
             beta, temperature, MODE=divergence_mode(beta), VOCAB=vocab_norm, BLOCK_ROWS=block_rows,
@@ -224,12 +225,12 @@ def slice_kl_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, teacher: torch.T
         block_rows, block_bins = _blocks(n_bins)
         if vocab_norm:
             block_rows_v, block_v, n_splits, split_size = _vocab_blocks(n_rows, vocab_size)
-            _vocab_grad_kernel[(triton.cdiv(n_rows, block_rows_v), n_splits)](
+            _vocab_grad_kernel[(cdiv(n_rows, block_rows_v), n_splits)](
                 grad_loss, logits, teacher, lse, grad_logits, n_rows, n_bins, vocab_size, split_size, *strides,
                 temperature, BLOCK_ROWS=block_rows_v, BLOCK_BINS=block_bins, BLOCK_V=block_v,
             )
         # Launched after _vocab_grad_kernel on the same stream, so its score-column values are the ones kept.
-        _slice_kl_bwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+        _slice_kl_bwd_kernel[(cdiv(n_rows, block_rows),)](
             grad_loss, logits, teacher, ids, lse, grad_logits, n_rows, n_bins, vocab_size, *strides, beta,
             temperature, MODE=divergence_mode(beta), BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
         )
