@@ -1,8 +1,9 @@
 """Score-distribution reward model on a Qwen-VL checkpoint (Qwen3.5, Qwen3-VL, Qwen2.5-VL via transformers).
 
-Student mode (Eq. 16): one forward pass over ``B x len(dimensions)`` chat prompts that end with the answer
-prefix; only the last position's hidden state is used, and the K score logits come from the LM-head rows of
-the score tokens through ``zr_kernels.linear_score`` (no full-vocabulary logits anywhere).
+Student mode (Eq. 16): ``B x len(dimensions)`` chat prompts that end with the answer prefix, with each image
+encoded once and each image's common prompt prefix run once (``zreward.shared_prefix``); only the last
+position's hidden state is used, and the K score logits come from the LM-head rows of the score tokens through
+``zr_kernels.linear_score`` (no full-vocabulary logits anywhere).
 Teacher mode (Eq. 5-6): ``G`` sampled reasoning outputs per image, the answer prefix appended after each, the
 distribution decoded at the score position; the returned ``Rollouts`` let a trainer recompute completion
 log-probs and score distributions under any model with the same vocabulary (``rollout_forward``).
@@ -20,6 +21,7 @@ from zr_kernels import ScoreDist
 from zr_kernels._validation import check_choice, check_positive_float
 from zreward.image_processing import num_image_tokens, preprocess_images
 from zreward.rubric import ANSWER_PREFIX, DIMENSIONS, chat_prompt, check_dimension
+from zreward.shared_prefix import check_supported, shared_prefix_hidden, split_rows
 from zreward.vocab import ScoreVocab
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -99,6 +101,7 @@ class RewardScorer:
         vocab_rows = _base(model).get_output_embeddings().weight.shape[0]
         if max(vocab.token_ids) >= vocab_rows:
             raise ValueError(f"vocab.token_ids must lie below the LM head's {vocab_rows} rows, got {vocab.token_ids}")
+        check_supported(_base(model))
         self.prefix_ids = self.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
         self.stop_ids = _stop_ids(_base(model), self.tokenizer)
         # A sampled image/video placeholder would no longer match the image features when the rollout is re-encoded.
@@ -111,9 +114,10 @@ class RewardScorer:
                        *, temperature: float = 1.0) -> ScoreDist:
         """Score distribution per image and dimension: ``probs [B, len(dimensions), K]``, ``mean``/``std [B, D]``.
 
-        ``images``: float ``[B, 3, H, W]`` in ``[0, 1]``; ``prompts``: the B generation prompts. One forward pass over
-        the ``B * len(dimensions)`` sequences (row ``b * len(dimensions) + d``); differentiable w.r.t. ``images``
-        and the model's parameters. The vision tower runs once per row.
+        ``images``: float ``[B, 3, H, W]`` in ``[0, 1]``; ``prompts``: the B generation prompts. The vision tower
+        runs once per image, the prompt prefix shared by an image's dimensions (chat header, image) once per image,
+        and the ``B * len(dimensions)`` dimension-specific suffixes in one batch from the prefix states;
+        differentiable w.r.t. ``images`` and the model's parameters. Equal to running every prompt on its own.
         """
         dimensions = [check_dimension(d) for d in dimensions]
         prompts = _check_prompts(prompts, images)
@@ -122,9 +126,8 @@ class RewardScorer:
         num_dims = len(dimensions)
         texts = [chat_prompt(self.tokenizer, p, d) for p in prompts for d in dimensions]
         rows = [self.tokenizer.encode(t, add_special_tokens=False) for t in self._expand_images(texts, grid, num_dims)]
-        batch = self._right_pad(rows)
-        row_pixels, row_grid = _repeat_images(pixel_values, grid, num_dims)
-        hidden = self.last_hidden(batch, row_pixels, row_grid, batch["attention_mask"].sum(1) - 1)
+        split = split_rows(rows, num_dims, self.tokenizer.pad_token_id, self.image_token_id)
+        hidden = shared_prefix_hidden(_base(self.model), split, pixel_values, grid)
         dist = _score_logits_distribution(hidden, self.lm_head_weight(), self.vocab, temperature)
         return _reshape(dist, (len(prompts), num_dims))
 

@@ -1,0 +1,197 @@
+"""Many prompts per image through a Qwen-VL model, with the work they have in common done once.
+
+The student prompts of one image (one per rubric dimension) are the same tokens up to the first
+dimension-specific one: the chat header and the image placeholders come first. :func:`shared_prefix_hidden`
+
+1. runs the vision tower once per image and writes its features over the placeholders of that image's prefix
+   (as the model's own forward does; Qwen3-VL's deepstack features are added after the first layers likewise);
+2. runs the common prefix once per image through the language model, keeping each layer's state at its end:
+   the keys/values of a full-attention layer, the causal-conv inputs and the recurrent state of a Qwen3.5
+   gated-delta-net (linear-attention) layer;
+3. repeats those states once per prompt and runs the prompt-specific suffixes from them.
+
+The states stay in the autograd graph, so gradients reach the pixels (and every weight) through the prefix.
+The layers' own modules compute everything (norms, projections, attention, MLP); this file supplies what
+transformers' cache-based continuation would, for three reasons: its caches write states in place, which
+autograd rejects once the same state was saved for backward; their interface differs between transformers
+5.17 and 5.23; and a linear-attention layer must be able to use the PyTorch gated delta rule where fla cannot run
+the backward (``zreward.gated_delta``), while transformers fixes that choice at import time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from zreward.gated_delta import gated_delta_rule
+
+# What this file reads of a Qwen3.5 gated-delta-net layer (the same in transformers 5.17 to 5.23).
+DELTA_NET_PARTS = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "conv1d", "A_log", "dt_bias", "norm",
+                   "out_proj", "key_dim", "value_dim", "head_k_dim", "head_v_dim", "activation")
+
+
+@dataclass
+class Split:
+    """Rows cut into one shared ``prefix [B, P]`` per image and right-padded ``suffix [N, S]`` rows, where row
+    ``n`` belongs to image ``n // rows_per_image``; ``last [N]`` is each row's last suffix position."""
+
+    prefix: torch.Tensor
+    suffix: torch.Tensor
+    last: torch.Tensor
+    rows_per_image: int
+
+
+def split_rows(rows: list[list[int]], rows_per_image: int, pad_token_id: int, image_token_id: int) -> Split:
+    """The longest prefix that the rows of every image share (one length for all images, leaving every row at
+    least one suffix token), and the suffixes. The image placeholders must all lie in the prefix."""
+    if rows_per_image < 1 or not rows or len(rows) % rows_per_image:
+        raise ValueError(f"rows ({len(rows)}) must be a positive multiple of rows_per_image ({rows_per_image})")
+    length = min(len(r) for r in rows) - 1
+    for start in range(0, len(rows), rows_per_image):
+        first, others = rows[start], rows[start + 1:start + rows_per_image]
+        length = min([length] + [next((i for i, (a, b) in enumerate(zip(first, r)) if a != b), length)
+                                 for r in others])
+    for i, row in enumerate(rows):
+        if image_token_id in row[length:]:
+            raise ValueError(f"row {i} has image placeholders after the first prompt-specific token: the image must "
+                             "come before the text that differs between an image's prompts")
+    prefix = torch.tensor([rows[s][:length] for s in range(0, len(rows), rows_per_image)], dtype=torch.int64)
+    width = max(len(r) for r in rows) - length
+    suffix = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        suffix[i, :len(row) - length] = torch.tensor(row[length:], dtype=torch.int64)
+    last = torch.tensor([len(r) - length - 1 for r in rows], dtype=torch.int64)
+    return Split(prefix, suffix, last, rows_per_image)
+
+
+@dataclass
+class DeltaState:
+    """A gated-delta-net layer's state after a prefix: its last ``kernel - 1`` causal-conv inputs and the
+    recurrent state ``[N, HV, dk, dv]``."""
+
+    conv: torch.Tensor
+    recurrent: torch.Tensor
+
+
+class PrefixKeyValues:
+    """Stands in for a transformers ``Cache`` inside the attention modules, whose one call on it is
+    ``update(keys, values, layer_idx, ...)``: in a prefix pass it records each layer's keys/values; in a
+    suffix pass it puts the prefix ones (``given``) in front. It never writes in place."""
+
+    def __init__(self, given: dict | None = None):
+        self.given = given or {}
+        self.seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        if layer_idx in self.given:
+            old_keys, old_values = self.given[layer_idx]
+            keys, values = torch.cat([old_keys, keys], -2), torch.cat([old_values, values], -2)
+        self.seen[layer_idx] = (keys, values)
+        return keys, values
+
+
+def _delta_net(layer, x: torch.Tensor, state: DeltaState | None) -> tuple[torch.Tensor, DeltaState]:
+    """A Qwen3.5 ``GatedDeltaNet`` on ``x [N, S, D]`` continuing from ``state`` (None: from the start)."""
+    batch, length, _ = x.shape
+    qkv = layer.in_proj_qkv(x).transpose(1, 2)  # [N, channels, S]
+    kernel = layer.conv1d.weight.shape[-1]
+    if state is not None:  # the conv sees the prefix's last inputs as its left context
+        qkv = torch.cat([state.conv, qkv], -1)
+    conv = F.conv1d(qkv.to(layer.conv1d.weight.dtype), layer.conv1d.weight, layer.conv1d.bias,
+                    padding=kernel - 1, groups=qkv.shape[1])[..., :qkv.shape[-1]][..., -length:]
+    conv = ACT2FN[layer.activation](conv).to(x.dtype).transpose(1, 2)
+    q, k, v = torch.split(conv, [layer.key_dim, layer.key_dim, layer.value_dim], -1)
+    q = q.reshape(batch, length, -1, layer.head_k_dim)
+    k = k.reshape(batch, length, -1, layer.head_k_dim)
+    v = v.reshape(batch, length, -1, layer.head_v_dim)
+    beta = layer.in_proj_b(x).sigmoid()
+    g = -layer.A_log.float().exp() * F.softplus(layer.in_proj_a(x).float() + layer.dt_bias)  # fp32: fp16 A
+    out, recurrent = gated_delta_rule(q, k, v, g, beta, None if state is None else state.recurrent)
+    gate = layer.in_proj_z(x).reshape(-1, layer.head_v_dim)
+    out = layer.norm(out.reshape(-1, layer.head_v_dim), gate).reshape(batch, length, -1)
+    conv_state = F.pad(qkv, (kernel - 1, 0))[..., -(kernel - 1):] if kernel > 1 else qkv[..., :0]
+    return layer.out_proj(out), DeltaState(conv_state, recurrent)
+
+
+def _attention_mask(attention, queries: torch.Tensor, past: int) -> torch.Tensor | None:
+    """Causal mask for ``queries [N, S, D]`` after ``past`` prefix positions: additive ``[1, 1, S, past + S]``
+    for eager and sdpa, None for flash attention (its causal mask is aligned to the last key already)."""
+    if "flash" in attention.config._attn_implementation:
+        return None
+    length = queries.shape[1]
+    keys = torch.arange(past + length, device=queries.device)
+    blocked = keys[None, :] > past + torch.arange(length, device=queries.device)[:, None]
+    mask = torch.zeros(blocked.shape, dtype=queries.dtype, device=queries.device)
+    return mask.masked_fill(blocked, torch.finfo(queries.dtype).min)[None, None]
+
+
+def _layers(language_model, hidden, positions, states: dict, past: int, deepstack=(), image_mask=None):
+    """All decoder layers (residual, norm, token mixer, norm, MLP) from ``states`` (empty: from the start).
+    Returns the final-norm hidden states and the layers' states at the end."""
+    cos_sin = language_model.rotary_emb(hidden, positions)
+    key_values = PrefixKeyValues({i: s for i, s in states.items() if isinstance(s, tuple)})
+    new_states = {}
+    mask = None
+    for i, layer in enumerate(language_model.layers):
+        mixer_in = layer.input_layernorm(hidden)
+        if getattr(layer, "linear_attn", None) is not None:
+            mixed, new_states[i] = _delta_net(layer.linear_attn, mixer_in, states.get(i))
+        else:
+            if mask is None:
+                mask = _attention_mask(layer.self_attn, hidden, past)
+            mixed, _ = layer.self_attn(hidden_states=mixer_in, position_embeddings=cos_sin, attention_mask=mask,
+                                       past_key_values=key_values)
+            new_states[i] = key_values.seen[layer.self_attn.layer_idx]
+        hidden = hidden + mixed
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if i < len(deepstack):  # Qwen3-VL: the vision tower's intermediate features join the image positions
+            hidden = hidden + torch.zeros_like(hidden).masked_scatter(image_mask[..., None], deepstack[i])
+    return language_model.norm(hidden), new_states
+
+
+def check_supported(model) -> None:
+    """TypeError unless every linear-attention layer of ``model`` is a Qwen3.5-style gated delta net."""
+    for i, layer in enumerate(model.model.language_model.layers):
+        delta_net = getattr(layer, "linear_attn", None)
+        missing = [p for p in DELTA_NET_PARTS if delta_net is not None and not hasattr(delta_net, p)]
+        if missing:
+            raise TypeError(f"layer {i}'s linear attention ({type(delta_net).__name__}) lacks {missing}: "
+                            "shared-prefix scoring knows Qwen3.5's gated delta net only")
+
+
+def shared_prefix_hidden(model, split: Split, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+    """Final-norm hidden state ``[N, D]`` at the last token of each row of ``split`` (no LM head).
+
+    ``model``: a Qwen-VL ``...ForConditionalGeneration``; ``pixel_values`` / ``image_grid_thw``: one image per
+    prefix row, as the image processor gives them.
+    """
+    inner = model.model
+    language_model = inner.language_model
+    device = pixel_values.device
+    prefix, suffix = split.prefix.to(device), split.suffix.to(device)
+    embed = inner.get_input_embeddings()
+    hidden = embed(prefix)
+    vision = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    features = torch.cat(vision.pooler_output).to(hidden.dtype)
+    image_mask = prefix == model.config.image_token_id
+    if int(image_mask.sum()) != features.shape[0]:
+        raise ValueError(f"the prefixes hold {int(image_mask.sum())} image placeholders for {features.shape[0]} "
+                         "image features")
+    hidden = hidden.masked_scatter(image_mask[..., None], features)
+    # transformers 5.17 gives each deepstack level as one tensor, 5.23 as a tuple of per-image tensors.
+    deepstack = [(f if isinstance(f, torch.Tensor) else torch.cat(f)).to(hidden.dtype)
+                 for f in (getattr(vision, "deepstack_features", None) or ())]
+    positions, _ = inner.get_rope_index(prefix, mm_token_type_ids=image_mask.int(), image_grid_thw=image_grid_thw)
+    _, states = _layers(language_model, hidden, positions, {}, 0, deepstack, image_mask)
+
+    # Text after the image continues the multimodal RoPE positions one past the prefix's largest, on all axes.
+    repeat = split.rows_per_image
+    start = positions.amax(dim=(0, 2)).repeat_interleave(repeat) + 1
+    suffix_positions = (start[:, None] + torch.arange(suffix.shape[1], device=device)).expand(3, -1, -1)
+    states = {i: tuple(t.repeat_interleave(repeat, 0) for t in s) if isinstance(s, tuple)
+              else DeltaState(s.conv.repeat_interleave(repeat, 0), s.recurrent.repeat_interleave(repeat, 0))
+              for i, s in states.items()}
+    hidden, _ = _layers(language_model, embed(suffix), suffix_positions, states, prefix.shape[1])
+    return hidden[torch.arange(hidden.shape[0], device=device), split.last.to(device)]
