@@ -6,7 +6,7 @@ import torch
 
 import zr_kernels
 from zreward.gdso import (GDSOConfig, GDSOTrainer, completion_layout, gdso_loss, gdso_rewards_and_advantages,
-                          grpo_surrogate, k3_kl, policy_loss, token_logprobs)
+                          grpo_surrogate, k3_kl, parsed_scores, policy_loss, token_logprobs)
 
 
 def _full_logprobs(hidden, weight, targets, temperature=1.0):
@@ -126,6 +126,20 @@ def test_gdso_loss_combines_eq_8_11_14():
     torch.testing.assert_close(out.loss, policy + 0.5 * nll.mean() + 2.0 * pair.mean())
     out.loss.backward()
     assert mu.grad.abs().sum() > 0 and policy.grad == 1
+    weighted = gdso_loss(policy, stats, mu, nll, s_w, s_l, 4.0, GDSOConfig(alpha_pt=0.5, alpha_pw=2.0, policy_weight=0.25))
+    torch.testing.assert_close(weighted.loss, 0.25 * policy + 0.5 * nll.mean() + 2.0 * pair.mean())
+
+
+def test_parsed_scores_are_bins_drawn_from_the_distribution():
+    values = torch.linspace(1.0, 5.0, 9)
+    one_hot = torch.nn.functional.one_hot(torch.tensor([[0, 8], [3, 5]]), 9).float()
+    assert parsed_scores(one_hot, values).tolist() == [[1.0, 5.0], [2.5, 3.5]]
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(9), -1)
+    draws = parsed_scores(probs.expand(20000, 9), values)
+    assert set(draws.unique().tolist()) <= set(values.tolist())
+    # unbiased for the expectation (Eq. 6), but quantised to the bins
+    assert float(draws.mean()) == pytest.approx(float(probs @ values), abs=0.03)
 
 
 def test_completion_layout_compacts_reasoning_tokens():
@@ -187,10 +201,38 @@ def test_trainer_steps_refresh_reference_and_resume_exactly(tiny_teacher, tmp_pa
         assert torch.equal(value, straight.model.state_dict()[name]), name
 
 
+def test_parsed_reward_source_quantises_the_rewards(tiny_teacher):
+    """With Eq. 7 alone, a parsed score on the 0.5 grid gives rewards on a 1/8 grid (range 4); the expected score
+    (reward_source="expectation") does not."""
+    build, data = tiny_teacher
+    rewards = {}
+    for source in ("parsed", "expectation"):
+        torch.manual_seed(0)
+        trainer = GDSOTrainer(build(), data, data.pairs(), _config(reward_source=source, lambda_pt=1.0, lambda_pw=0.0))
+        rewards[source] = [m["reward"] * 4 * 8 for m in trainer.train(2)]  # mean of 2 sides x G=2 rewards, x 8
+    assert rewards["parsed"] == pytest.approx([round(r) for r in rewards["parsed"]], abs=1e-4)
+    assert rewards["expectation"] != pytest.approx([round(r) for r in rewards["expectation"]], abs=1e-4)
+
+
+def test_policy_weight_zero_trains_the_direct_losses_alone(tiny_teacher):
+    """policy_weight=0 with alpha_pw=0 is SFT on the score token: the loss is alpha_pt x Eq. 8, yet the model moves."""
+    build, data = tiny_teacher
+    torch.manual_seed(0)
+    trainer = GDSOTrainer(build(), data, data.pairs(), _config(policy_weight=0.0, alpha_pt=0.5, alpha_pw=0.0))
+    initial = trainer.model.lm_head.weight.clone()
+    metrics = trainer.step()
+    assert metrics["policy"] == 0.0 and metrics["loss"] == pytest.approx(0.5 * metrics["ce"])
+    assert not torch.equal(trainer.model.lm_head.weight, initial)
+
+
 def test_trainer_rejects_bad_config(tiny_teacher):
     build, data = tiny_teacher
     with pytest.raises(ValueError, match="aggregation"):
         GDSOTrainer(build(), data, data.pairs(), _config(aggregation="tokens"))
+    with pytest.raises(ValueError, match="reward_source"):
+        GDSOTrainer(build(), data, data.pairs(), _config(reward_source="text"))
+    with pytest.raises(ValueError, match="policy_weight"):
+        GDSOTrainer(build(), data, data.pairs(), _config(policy_weight=-1.0))
     with pytest.raises(ValueError, match="pairs_per_batch"):
         GDSOTrainer(build(), data, data.pairs()[:1], _config(pairs_per_batch=4))
 

@@ -80,6 +80,21 @@ def test_loss_is_eq_15(setup):
     assert trainer.step()["loss"] == pytest.approx(float(want), rel=1e-4, abs=1e-7)
 
 
+def test_human_score_targets_make_risd_sft(setup):
+    """One-hot targets at the annotated bins: the RISD loss is then the cross-entropy on the human score."""
+    data, _, _ = setup
+    student = _scorer(2)
+    dimensions = ("realism", "aesthetics")
+    cache = TeacherCache.from_human_scores(data, student.vocab, dimensions)
+    bins = torch.stack([student.vocab.bin_indices(data.scores(range(4), d)) for d in dimensions], 1)
+    assert torch.equal(cache.probs.argmax(-1), bins) and torch.equal(cache.probs.sum(-1), torch.ones(4, 2))
+    trainer = RISDTrainer(student, data, cache, RISDConfig(batch_size=4, lr=0.0))
+    with torch.no_grad():
+        q_phi = student.student_scores(data.images(range(4)), data.prompts(range(4)), dimensions).probs
+    want = -q_phi.gather(-1, bins.unsqueeze(-1)).log().mean()
+    assert trainer.step()["loss"] == pytest.approx(float(want), rel=1e-4)
+
+
 def test_cache_must_cover_data(setup):
     data, cache, _ = setup
     with pytest.raises(ValueError, match="cache covers"):

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES = ("zreward.evaluate", "zreward.demo", "zreward.refl")
+SUBCOMMAND_MODULES = ("zreward.evaluate", "zreward.demo", "zreward.ablate", "zreward.refl")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,10 @@ Loss pieces work on plain tensors, so they drop into any trainer:
   TRL / Liger: ``-min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A) + beta k3``), aggregated per sequence
   (``"sequence"``, GRPO) or over all tokens of the batch (``"token"``, DAPO / BNPO).
 * :func:`gdso_loss` - Eq. 14: the surrogate on Eq. 13 rewards + ``alpha_pt`` x Eq. 8 + ``alpha_pw`` x Eq. 11.
+* :func:`parsed_scores` - the score a rollout would write as its answer, for rewards from parsed text (Fig. 4).
+
+The paper's baselines are settings of the same trainer: GRPO is ``alpha_pt = alpha_pw = 0`` (optionally with
+``reward_source="parsed"``), SFT on the score token is ``policy_weight = alpha_pw = 0``.
 
 :class:`GDSOTrainer` runs Algorithm 1 on a :class:`~zreward.scorer.RewardScorer` teacher.
 """
@@ -27,6 +31,7 @@ from zreward.distributed import (DistContext, all_reduce_gradients, all_reduce_m
                                  shard_indices, unwrap_model)
 
 AGGREGATIONS = ("sequence", "token")
+REWARD_SOURCES = ("expectation", "parsed")
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 256,
@@ -181,6 +186,8 @@ class GDSOConfig:
     eps_high: float = 0.2
     aggregation: str = "sequence"
     advantage_scale: str = "group"
+    policy_weight: float = 1.0     # weight of L_GRPO in Eq. 14 (0: the direct losses alone, no rollout rewards)
+    reward_source: str = "expectation"  # Eq. 7/10 on the expected score (Eq. 6), or "parsed": on parsed_scores
     lr: float = 1e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -206,6 +213,17 @@ def gdso_rewards_and_advantages(mu_w: torch.Tensor, mu_l: torch.Tensor, s_w: tor
     return rewards, advantages.view_as(rewards)
 
 
+def parsed_scores(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The score each rollout writes after the answer prefix, as parsing its text would read it: one score token
+    drawn from its distribution ``probs [..., K]`` at the score position, returned as its value ``[...]``.
+
+    The draw is constrained to the K score tokens, as the answer prefix before it is already forced, so every
+    answer parses. Unlike the expectation (Eq. 6) it is quantised to a bin and random: 3.8 and 4.2 both read 4.
+    """
+    draws = torch.multinomial(probs.reshape(-1, probs.shape[-1]).float(), 1)
+    return values.to(probs.device)[draws].view(probs.shape[:-1])
+
+
 def gdso_loss(policy: torch.Tensor, policy_stats: SurrogateStats, mu: torch.Tensor, nll: torch.Tensor,
               s_w: torch.Tensor, s_l: torch.Tensor, score_range: float, config: GDSOConfig,
               backend: str | None = None) -> GDSOLoss:
@@ -215,12 +233,12 @@ def gdso_loss(policy: torch.Tensor, policy_stats: SurrogateStats, mu: torch.Tens
     (hidden states) with the Eq. 3 advantages of :func:`gdso_rewards_and_advantages`; ``mu, nll [P, 2, G]``:
     expected score and ``-log q(annotated bin)`` of each sampled output under the current policy (``mean`` and
     ``nll`` of ``zr_kernels.score_distribution``); ``s_w, s_l [P]``: annotated scores; ``score_range`` =
-    ``S_max - S_min``.
+    ``S_max - S_min``. ``config.policy_weight`` scales the surrogate (1 in Eq. 14).
     """
     ce = nll.mean()  # Eq. 8: 1/(2G) sum over both sides and all G samples, averaged over pairs
     gap = zr_kernels.pairwise_gap(mu[:, 0], mu[:, 1], (s_w - s_l).float(), score_range, backend=backend)
     pairwise = gap.loss.mean()
-    loss = policy + config.alpha_pt * ce + config.alpha_pw * pairwise
+    loss = config.policy_weight * policy + config.alpha_pt * ce + config.alpha_pw * pairwise
     return GDSOLoss(loss, policy.detach(), ce.detach(), pairwise.detach(), policy_stats.kl,
                     policy_stats.clip_fraction)
 
@@ -303,6 +321,10 @@ class GDSOTrainer(TrainerBase):
         self.config = config = config or GDSOConfig()
         if config.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {config.aggregation!r}")
+        if config.reward_source not in REWARD_SOURCES:
+            raise ValueError(f"reward_source must be one of {REWARD_SOURCES}, got {config.reward_source!r}")
+        if not config.policy_weight >= 0:
+            raise ValueError(f"policy_weight must be >= 0, got {config.policy_weight!r}")
         super().__init__(scorer.model, config.lr, config.weight_decay, config.max_grad_norm, config.seed, ctx)
         self.scorer, self.data = scorer, data
         vocab = scorer.vocab
@@ -331,16 +353,22 @@ class GDSOTrainer(TrainerBase):
         self.model.eval()
         rollouts = self.scorer.teacher_rollouts(images, prompts, dimension, group, cfg.max_new_tokens,
                                                 cfg.sample_temperature)
-        mu_old = rollouts.scores.mean.view(num_pairs, 2, group)
-        rewards, advantages = gdso_rewards_and_advantages(mu_old[:, 0], mu_old[:, 1], s_w, s_l, self.score_min,
-                                                          self.score_max, cfg)
+        if cfg.reward_source == "parsed":
+            reward_scores = parsed_scores(rollouts.scores.probs, self.scorer.vocab.values)
+        else:
+            reward_scores = rollouts.scores.mean
+        reward_scores = reward_scores.view(num_pairs, 2, group)
+        rewards, advantages = gdso_rewards_and_advantages(reward_scores[:, 0], reward_scores[:, 1], s_w, s_l,
+                                                          self.score_min, self.score_max, cfg)
         positions, targets, mask = completion_layout(rollouts)
         bins = self.scorer.vocab.bin_indices(torch.stack([s_w, s_l], 1).cpu()).to(self.ctx.device)
         bins = bins.unsqueeze(-1).expand(num_pairs, 2, group).reshape(-1)
+        use_policy = cfg.policy_weight > 0  # with weight 0 the surrogate and its extra forward passes are skipped
         with torch.no_grad():
-            old_logprobs = self._logprobs(self.model, rollouts, positions, targets) if cfg.updates_per_batch > 1 \
-                else None
-            ref_logprobs = self._logprobs(self.reference, rollouts, positions, targets) if cfg.beta > 0 else None
+            old_logprobs = self._logprobs(self.model, rollouts, positions, targets) \
+                if use_policy and cfg.updates_per_batch > 1 else None
+            ref_logprobs = self._logprobs(self.reference, rollouts, positions, targets) \
+                if use_policy and cfg.beta > 0 else None
 
         self.model.train()
         for _ in range(cfg.updates_per_batch):
@@ -348,13 +376,17 @@ class GDSOTrainer(TrainerBase):
                                                 rollouts.image_grid_thw)
             weight = self.scorer.lm_head_weight()
             rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(-1)
-            token_hidden = hidden[rows, positions - 1]  # token t is predicted at position t - 1
-            old = old_logprobs if old_logprobs is not None else token_logprobs(
-                token_hidden.detach(), weight.detach(), targets, chunk_size=cfg.logprob_chunk)
-            policy, stats = policy_loss(
-                token_hidden, weight, targets, mask, advantages.reshape(-1), old, ref_logprobs, beta=cfg.beta,
-                eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
-                chunk_size=cfg.logprob_chunk, backend=cfg.policy_backend)
+            if use_policy:
+                token_hidden = hidden[rows, positions - 1]  # token t is predicted at position t - 1
+                old = old_logprobs if old_logprobs is not None else token_logprobs(
+                    token_hidden.detach(), weight.detach(), targets, chunk_size=cfg.logprob_chunk)
+                policy, stats = policy_loss(
+                    token_hidden, weight, targets, mask, advantages.reshape(-1), old, ref_logprobs, beta=cfg.beta,
+                    eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
+                    chunk_size=cfg.logprob_chunk, backend=cfg.policy_backend)
+            else:
+                zero = hidden.new_zeros((), dtype=torch.float32)
+                policy, stats = zero, SurrogateStats(zero, zero)
             score_hidden = hidden[rows.squeeze(-1), rollouts.score_positions]
             ids = torch.tensor(self.scorer.vocab.token_ids, device=hidden.device)
             dist = zr_kernels.score_distribution(score_hidden @ weight[ids].T, list(range(len(ids))),

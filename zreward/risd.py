@@ -71,6 +71,20 @@ class TeacherCache:
         return cls(torch.stack(per_dimension, 1), dimensions, data.prompts(range(len(data))), reasoning,
                    teacher.vocab.values.clone())
 
+    @classmethod
+    def from_human_scores(cls, data, vocab, dimensions=DIMENSIONS) -> "TeacherCache":
+        """One-hot targets at the annotated bins of ``data`` (``scores(indices, dimension)`` as in
+        :class:`~zreward.synthetic.SyntheticPreferences`) instead of a teacher's distributions.
+
+        KL(one-hot || q_phi) is ``-log q_phi(annotated bin)``, so :class:`RISDTrainer` on this cache is SFT of the
+        student on the human scores alone: the paper's no-teacher baseline (Table 3), on the same code path.
+        """
+        indices = range(len(data))
+        bins = torch.stack([vocab.bin_indices(data.scores(indices, d)) for d in dimensions], 1)
+        probs = torch.nn.functional.one_hot(bins, vocab.num_bins).float()
+        return cls(probs, dimensions, data.prompts(indices), {d: [[] for _ in indices] for d in dimensions},
+                   vocab.values.clone())
+
     def save(self, directory) -> Path:
         """``<directory>/teacher_cache.safetensors`` + ``teacher_cache.json``, each written atomically."""
         directory = Path(directory)

@@ -1,0 +1,137 @@
+"""The arms of ``zreward ablate``, as tasks: each builds one seed's data and fresh models and trains one arm.
+
+A task depends only on ``(config, seed)`` and its arm (it seeds torch itself), so tasks can run in any order,
+in this process or in worker processes, with the same results. Each returns ``{arm name: entry}``; an entry
+holds the held-out metrics, output tokens per score, the held-out HPA curve ``[[step, hpa], ...]`` and the
+trainer's history.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from zreward.demo import STUDENT_CONFIG, TEACHER_CONFIG, _chunks, _metrics, _scorer
+from zreward.gdso import GDSOTrainer, teacher_expected_scores
+from zreward.risd import RISDTrainer, TeacherCache
+from zreward.rubric import DIMENSIONS
+from zreward.synthetic import SyntheticPreferences
+
+# GDSOConfig overrides of each teacher arm: every teacher arm is the GDSO trainer.
+TEACHER_ARMS = {
+    "sft": {"policy_weight": 0.0, "alpha_pw": 0.0},                           # Eq. 8 only
+    "grpo": {"alpha_pt": 0.0, "alpha_pw": 0.0, "reward_source": "parsed"},    # Eq. 4 on parsed-score rewards
+    "gdso": {},                                                               # Eq. 14
+    "gdso_parsed": {"reward_source": "parsed"},                               # Fig. 4: Eq. 14, parsed rewards
+}
+STUDENT_ARMS = ("student_sft", "risd")
+TEACHER_FOR_RISD = "gdso"
+# Role and a one-line description of every row of the results, in table order.
+DESCRIPTIONS = {
+    "teacher_zero_shot": ("teacher", "nothing: the initial teacher"),
+    "sft": ("teacher", "CE on the score token after the sampled reasoning (Eq. 8)"),
+    "grpo": ("teacher", "policy gradient on parsed-score rewards (Eq. 4, 7, 10, 13)"),
+    "gdso": ("teacher", "Eq. 14: expectation rewards + CE + score-gap loss"),
+    "gdso_parsed": ("teacher", "Eq. 14 with parsed-score rewards (Fig. 4)"),
+    "student_zero_shot": ("student", "nothing: the initial student"),
+    "student_sft": ("student", "CE on the human score, no teacher"),
+    "risd": ("student", f"KL to the cached {TEACHER_FOR_RISD} teacher (Eq. 15)"),
+}
+
+
+class _Seed:
+    """One seed's data, fresh models and held-out evaluation (the demo's conventions: train data and teacher
+    from ``seed``, held-out data and student from ``seed + 1``)."""
+
+    def __init__(self, config, seed: int):
+        self.config, self.seed, self.device = config, seed, torch.device(config.device)
+        self.train = SyntheticPreferences(config.train_prompts, config.candidates, config.image_size, seed=seed,
+                                          spread=config.spread)
+        self.held_out = SyntheticPreferences(config.eval_prompts, config.candidates, config.image_size,
+                                             seed=seed + 1, spread=config.spread)
+
+    def teacher(self):
+        return _scorer(self.seed, TEACHER_CONFIG, self.device)
+
+    def student(self):
+        return _scorer(self.seed + 1, STUDENT_CONFIG, self.device)
+
+    @torch.no_grad()
+    def teacher_metrics(self, scorer, samples: int) -> dict:
+        everything = range(len(self.held_out))
+        scores = teacher_expected_scores(scorer, self.held_out.images(everything).to(self.device),
+                                         self.held_out.prompts(everything), DIMENSIONS, samples,
+                                         self.config.gdso.max_new_tokens)
+        return _metrics(scores.cpu(), self.held_out)
+
+    @torch.no_grad()
+    def student_metrics(self, scorer) -> dict:
+        scores = torch.cat([scorer.student_scores(self.held_out.images(c).to(self.device), self.held_out.prompts(c)).mean
+                            for c in _chunks(len(self.held_out), 16)])
+        return _metrics(scores.cpu(), self.held_out)
+
+    def student_arm(self, name: str, student, targets: TeacherCache, ticks) -> dict:
+        torch.manual_seed(self.seed)
+        trainer = RISDTrainer(student, self.train, targets, replace(self.config.risd, seed=self.seed))
+        curve, metrics = _train(trainer, self.config.student_steps, self.config.eval_every,
+                                lambda: self.student_metrics(student), ticks)
+        return entry(self.seed, metrics, 1, curve, trainer.history)
+
+
+def zero_shot_task(config, seed: int) -> dict:
+    """The initial teacher and student, evaluated as the trained arms are; their one-point curve is the step-0
+    point of every arm of the same role (the teacher's with one reasoning sample, as the curves use)."""
+    run = _Seed(config, seed)
+    teacher, student = run.teacher(), run.student()
+    torch.manual_seed(seed)
+    student_metrics = run.student_metrics(student)
+    return {
+        # output tokens are filled in from the first training batch, which the initial teacher samples
+        "teacher_zero_shot": entry(seed, run.teacher_metrics(teacher, config.eval_teacher_samples), None,
+                                   [[0, run.teacher_metrics(teacher, 1)["hpa"]]]),
+        "student_zero_shot": entry(seed, student_metrics, 1, [[0, student_metrics["hpa"]]]),
+    }
+
+
+def teacher_task(config, seed: int, name: str, ticks) -> dict:
+    """One teacher arm; the RISD teacher's task also caches its distributions and trains the RISD student."""
+    run = _Seed(config, seed)
+    teacher = run.teacher()
+    torch.manual_seed(seed)
+    trainer = GDSOTrainer(teacher, run.train, run.train.pairs(), replace(config.gdso, seed=seed, **TEACHER_ARMS[name]))
+    curve, _ = _train(trainer, config.teacher_steps, config.eval_every, lambda: run.teacher_metrics(teacher, 1), ticks)
+    reasoning = sum(m["completion_tokens"] for m in trainer.history) / len(trainer.history)
+    out = {name: entry(seed, run.teacher_metrics(teacher, config.eval_teacher_samples), reasoning + 1, curve,
+                       trainer.history)}
+    if name == TEACHER_FOR_RISD:
+        risd = config.risd
+        cache = TeacherCache.build(teacher, run.train, num_samples=risd.teacher_samples,
+                                   max_new_tokens=risd.teacher_max_new_tokens, temperature=risd.teacher_temperature)
+        out["risd"] = run.student_arm("risd", run.student(), cache, ticks)
+    return out
+
+
+def student_sft_task(config, seed: int, ticks) -> dict:
+    """The student trained on one-hot human scores: RISD's trainer without a teacher."""
+    run = _Seed(config, seed)
+    student = run.student()
+    targets = TeacherCache.from_human_scores(run.train, student.vocab)
+    return {"student_sft": run.student_arm("student_sft", student, targets, ticks)}
+
+
+def _train(trainer, steps: int, every: int, evaluate, ticks) -> tuple[list[list[float]], dict]:
+    """``steps`` optimizer steps, a tick per step; returns the held-out HPA curve (from step ``every``) and the
+    last evaluation's metrics."""
+    curve = []
+    for step in range(1, steps + 1):
+        trainer.step()
+        ticks.put(1)
+        if step % every == 0 or step == steps:
+            metrics = evaluate()
+            curve.append([step, metrics["hpa"]])
+    return curve, metrics
+
+
+def entry(seed: int, metrics: dict, tokens_per_score, curve=None, history=None) -> dict:
+    return {"seed": seed, "metrics": metrics, "tokens_per_score": tokens_per_score, "curve": curve or [],
+            "history": history or []}
