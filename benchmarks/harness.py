@@ -197,12 +197,36 @@ def _measure_provider(case: Case, provider: Provider, config: Config) -> dict:
     record = {"fwd_ms": time_ms(forward, config, wall), "bwd_ms": None, "full_ms": None, "peak_mib": peak_mib,
               "ran": sorted({f"{op}:{backend}" for op, backend in ran}), "forward_only": provider.forward_only}
     if leaves:
-        outs = _grad_outputs(forward())
-        grads = [torch.ones_like(o) for o in outs]
-        record["bwd_ms"] = time_ms(lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True), config, wall)
-        del outs, grads
         record["full_ms"] = time_ms(full, config, wall)
+        record["bwd_ms"] = _backward_ms(forward, leaves, provider, config, wall)
     return record
+
+
+def _backward_ms(forward: Callable[[], Any], leaves: list, provider: Provider, config: Config, wall: bool) -> float:
+    """Time of the backward alone: one forward, then its graph run backward again and again (``retain_graph``).
+
+    A ``torch.compile`` backward donates the buffers its forward saved (it may reuse their memory for its own
+    results), so it refuses ``retain_graph=True``. Donation changes where the backward writes, not which kernels
+    it runs, so for this timing alone the compiled provider is compiled again with donation off; its forward,
+    fwd+bwd and peak memory (measured before this) are those of the default compile a user gets.
+    """
+    if not provider.compiled:
+        return _time_retained_backward(forward, leaves, config, wall)
+    with torch._functorch.config.patch(donated_buffer=False):
+        torch._dynamo.reset()  # the graph cached so far was compiled with donation on
+        return _time_retained_backward(forward, leaves, config, wall)
+
+
+def _time_retained_backward(forward: Callable[[], Any], leaves: list, config: Config, wall: bool) -> float:
+    outs = _grad_outputs(forward())
+    grads = [torch.ones_like(o) for o in outs]
+
+    def backward():
+        return torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+
+    backward()  # warm-up: a recompiled backward is compiled at its first call
+    _sync(config)
+    return time_ms(backward, config, wall)
 
 
 def measure_case(case: Case, config: Config, copy_gbps: Optional[float]) -> list:

@@ -15,6 +15,7 @@ import torch
 
 from benchmarks import harness, report
 from benchmarks.__main__ import OPS, main
+from zr_kernels import reference
 from tests.helpers import DEVICE
 
 PROVIDERS = {
@@ -70,6 +71,27 @@ def test_bench_smoke(op, benchmark, tmp_path):
     assert [p.name for p in paths["png"]] == [f"{report.device_stem(meta)}-{op}.png"]
     assert paths["png"][0].stat().st_size > 0
 
+
+
+def test_compiled_backward_is_timed():
+    """The ``compile`` provider through real ``torch.compile`` (Inductor; its C++ backend on a CPU), which the CPU
+    smoke run skips. A compiled backward donates its saved buffers by default and then refuses the
+    ``retain_graph=True`` that timing the backward alone needs: every compile provider failed so on the H100."""
+    config = harness.Config(device=DEVICE, smoke=False, cpu_reps=2)
+    ids = torch.tensor([1, 5, 9], device=DEVICE)
+    values = torch.tensor([1.0, 3.0, 5.0], device=DEVICE)
+
+    def score(logits):
+        return reference.score_distribution(logits, ids, values)
+
+    case = harness.Case(op="score_distribution", label="tiny", grad=("logits",),
+                        make_inputs=lambda: {"logits": torch.randn(4, 16, device=DEVICE, requires_grad=True)},
+                        providers=[harness.eager_provider(score), harness.compile_provider(score, config)])
+    records = harness.measure_case(case, config, None)
+    assert [r["provider"] for r in records] == ["eager", "compile"]
+    for r in records:
+        assert r["status"] == "ok", f"{r['provider']}: {r['reason']}"
+        assert all(_finite(r[key]) and r[key] > 0 for key in ("fwd_ms", "bwd_ms", "full_ms")), r
 
 def test_cli_writes_results_and_keeps_other_ops(tmp_path, capsys):
     main(["--smoke", "--ops", "group_advantages", "--out", str(tmp_path)])
