@@ -72,7 +72,6 @@ def test_bench_smoke(op, benchmark, tmp_path):
     assert paths["png"][0].stat().st_size > 0
 
 
-
 def test_compiled_backward_is_timed():
     """The ``compile`` provider through real ``torch.compile`` (Inductor; its C++ backend on a CPU), which the CPU
     smoke run skips. A compiled backward donates its saved buffers by default and then refuses the
@@ -92,6 +91,7 @@ def test_compiled_backward_is_timed():
     for r in records:
         assert r["status"] == "ok", f"{r['provider']}: {r['reason']}"
         assert all(_finite(r[key]) and r[key] > 0 for key in ("fwd_ms", "bwd_ms", "full_ms")), r
+
 
 def test_cli_writes_results_and_keeps_other_ops(tmp_path, capsys):
     main(["--smoke", "--ops", "group_advantages", "--out", str(tmp_path)])
