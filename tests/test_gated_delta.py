@@ -65,19 +65,41 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(chunk_gated_delta_rule, inputs, fast_mode=True)
 
 
-def test_cpu_runs_torch(monkeypatch):
+def test_cpu_runs_torch_and_keeps_only_inputs(monkeypatch):
     monkeypatch.delenv(gated_delta.BACKEND_ENV, raising=False)
     assert gated_delta.choose_backend(torch.device("cpu"), needs_grad=True) == "torch"
-    inputs = _inputs(1, 9, 1, 1, 4, 4)
-    torch.testing.assert_close(gated_delta_rule(*inputs)[0], chunk_gated_delta_rule(*inputs)[0])
+    inputs = [t.requires_grad_() for t in _inputs(2, 100, 2, 4, 8, 8)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, state = gated_delta_rule(*inputs)
+    assert len(saved) == len(inputs) and all(any(s is t for t in inputs) for s in saved)
+    ref_out, ref_state = recurrent_gated_delta_rule(*inputs)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    grad_out = torch.randn_like(out)
+    for with_state in (True, False):  # the suffix pass does not use the final state
+        loss = (out * grad_out).sum() + (state.sum() if with_state else 0)
+        ref_loss = (ref_out * grad_out).sum() + (ref_state.sum() if with_state else 0)
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True)
+        for got, want in zip(grads, torch.autograd.grad(ref_loss, inputs, retain_graph=True)):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_no_start_state_and_frozen_inputs():
+    q, k, v, g, beta, _ = _inputs(1, 20, 1, 1, 4, 4)
+    v.requires_grad_()
+    out, _ = gated_delta_rule(q, k, v, g, beta)
+    (grad,) = torch.autograd.grad(out.sum(), v)
+    (ref,) = torch.autograd.grad(recurrent_gated_delta_rule(q, k, v, g, beta)[0].sum(), v)
+    torch.testing.assert_close(grad, ref, rtol=1e-3, atol=1e-4)
 
 
 def _fake_fla(monkeypatch, blocked):
+    """fla replaced by the PyTorch path (recording its calls), its backward check by ``blocked``."""
     calls = []
 
     def fla(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False):
-        calls.append(dict(initial_state=initial_state, output_final_state=output_final_state,
-                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel))
+        calls.append(dict(grad=torch.is_grad_enabled(), initial_state=initial_state,
+                          output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel))
         return chunk_gated_delta_rule(q, k, v, g, beta, initial_state)
 
     monkeypatch.setattr(gated_delta, "_fla_chunk", lambda: fla)
@@ -86,26 +108,41 @@ def _fake_fla(monkeypatch, blocked):
     return calls
 
 
-def test_fla_on_cuda_when_it_can_run(monkeypatch):
-    monkeypatch.delenv(gated_delta.BACKEND_ENV, raising=False)
+@pytest.mark.parametrize("backend", ["fla", "fla-forward"])
+def test_fla_paths(monkeypatch, backend):
     calls = _fake_fla(monkeypatch, blocked=None)
-    assert gated_delta.choose_backend(torch.device("cuda"), needs_grad=True) == "fla"
-    monkeypatch.setattr(gated_delta, "choose_backend", lambda device, needs_grad: "fla")
-    inputs = _inputs(1, 9, 1, 1, 4, 4)
+    monkeypatch.setattr(gated_delta, "choose_backend", lambda device, needs_grad: backend)
+    inputs = [t.requires_grad_() for t in _inputs(1, 9, 1, 2, 4, 4)]
     out, state = gated_delta_rule(*inputs)
-    assert calls == [dict(initial_state=inputs[-1], output_final_state=True, use_qk_l2norm_in_kernel=True)]
+    # fla-forward: fla's forward without a graph, the gradient from the PyTorch path.
+    assert calls == [dict(grad=backend == "fla", initial_state=inputs[-1], output_final_state=True,
+                          use_qk_l2norm_in_kernel=True)]
     assert state.dtype == torch.float32
+    grads = torch.autograd.grad(out.sum() + state.sum(), inputs)
+    ref_out, ref_state = recurrent_gated_delta_rule(*inputs)
+    for got, want in zip(grads, torch.autograd.grad(ref_out.sum() + ref_state.sum(), inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
 
 
-def test_fla_backward_blocked_falls_back_with_one_line(monkeypatch):
+def test_fla_backward_blocked_says_one_line(monkeypatch):
     monkeypatch.delenv(gated_delta.BACKEND_ENV, raising=False)
+    _fake_fla(monkeypatch, blocked=None)
+    assert gated_delta.choose_backend(torch.device("cuda"), needs_grad=True) == "fla"
     _fake_fla(monkeypatch, blocked="fla's backward refuses Triton 3.6.0 on Hopper")
-    with pytest.warns(RuntimeWarning, match="refuses Triton 3.6.0 on Hopper; using the PyTorch chunked path"):
-        assert gated_delta.choose_backend(torch.device("cuda"), needs_grad=True) == "torch"
+    with pytest.warns(RuntimeWarning, match="refuses Triton 3.6.0 on Hopper; fla runs the forward, the PyTorch"):
+        assert gated_delta.choose_backend(torch.device("cuda"), needs_grad=True) == "fla-forward"
     assert gated_delta.choose_backend(torch.device("cuda"), needs_grad=False) == "fla"  # forward-only unaffected
     monkeypatch.setenv(gated_delta.BACKEND_ENV, "fla")
     with pytest.raises(RuntimeError, match="=fla but fla's backward refuses"):
         gated_delta.choose_backend(torch.device("cuda"), needs_grad=True)
+
+
+def test_fla_missing(monkeypatch):
+    monkeypatch.delenv(gated_delta.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(gated_delta, "_fla_chunk", lambda: None)
+    gated_delta._say_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match=r"fla is not installed \(extra \[fla\]\); using the PyTorch"):
+        assert gated_delta.choose_backend(torch.device("cuda"), needs_grad=False) == "torch"
 
 
 def test_backend_env(monkeypatch):

@@ -12,9 +12,13 @@ final state too. Implementations, picked per call (``ZREWARD_GATED_DELTA_BACKEND
 
 * ``fla``: ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` (Triton; the ``[fla]`` extra), CUDA tensors only.
   fla refuses the backward on Hopper with Triton >= 3.4.0 and < 3.7.1 unless tilelang is installed (its issue
-  #640); ``auto`` then uses ``torch`` for calls that need a gradient and says so once. Forward-only calls keep fla.
+  #640). ``auto`` then keeps fla for the forward and differentiates the PyTorch path in the backward
+  (``"fla-forward"``), saying so once; forward-only calls are unaffected.
 * ``torch``: :func:`chunk_gated_delta_rule`, chunks of 64 tokens, each chunk's triangular system solved in one
   batched ``solve_triangular`` (the WY form), then one state update per chunk.
+
+Except under fla's own autograd, only the inputs are kept for the backward, which recomputes the chunk
+intermediates (they are fp32 and O(T * 64) per head: most of a layer's activation memory otherwise).
 * :func:`recurrent_gated_delta_rule`: the token-by-token definition above; the reference the tests compare to.
 """
 from __future__ import annotations
@@ -136,23 +140,53 @@ def _say_once(message: str) -> None:
 
 
 def choose_backend(device: torch.device, needs_grad: bool) -> str:
-    """``"fla"`` or ``"torch"`` for a call on ``device`` (see the module docstring for the rules)."""
+    """``"fla"``, ``"fla-forward"`` (fla forward, PyTorch backward) or ``"torch"`` for a call on ``device``."""
     requested = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if requested not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {requested!r}")
     if requested == "torch" or (requested == "auto" and device.type != "cuda"):
         return "torch"
-    blocked = "fla is not installed (pip install -e .[fla])" if _fla_chunk() is None else None
-    if device.type != "cuda":
-        blocked = "fla runs on CUDA tensors only"
-    if blocked is None and needs_grad:
-        blocked = fla_backward_blocked(device)
+    if device.type != "cuda" or _fla_chunk() is None:
+        missing = "fla runs on CUDA tensors only" if device.type != "cuda" else "fla is not installed (extra [fla])"
+        if requested == "fla":
+            raise RuntimeError(f"{BACKEND_ENV}=fla but {missing}")
+        _say_once(f"gated delta rule: {missing}; using the PyTorch chunked path")
+        return "torch"
+    blocked = fla_backward_blocked(device) if needs_grad else None
     if blocked is None:
         return "fla"
     if requested == "fla":
         raise RuntimeError(f"{BACKEND_ENV}=fla but {blocked}")
-    _say_once(f"gated delta rule: {blocked}; using the PyTorch chunked path")
-    return "torch"
+    _say_once(f"gated delta rule: {blocked}; fla runs the forward, the PyTorch chunked path the backward")
+    return "fla-forward"
+
+
+def _fla_forward(q, k, v, g, beta, initial_state):
+    out, state = _fla_chunk()(q, k, v, g=g, beta=beta, initial_state=initial_state, output_final_state=True,
+                              use_qk_l2norm_in_kernel=True)
+    return out, state.float()
+
+
+class _RecomputedBackward(torch.autograd.Function):
+    """``forward_fn``'s outputs, keeping only the inputs; the backward re-runs :func:`chunk_gated_delta_rule` on them
+    and differentiates that. Saves the fp32 chunk intermediates (most of a gated-delta layer's activation memory)
+    and lets fla's forward pair with a PyTorch backward where fla's own backward cannot run."""
+
+    @staticmethod
+    def forward(ctx, forward_fn, q, k, v, g, beta, initial_state):
+        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        with torch.no_grad():
+            return forward_fn(q, k, v, g, beta, initial_state)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_state):
+        inputs = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            outputs = chunk_gated_delta_rule(*inputs)
+        pairs = [(o, g) for o, g in zip(outputs, (grad_out, grad_state)) if g is not None]
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        return (None, *(next(grads) if t is not None and t.requires_grad else None for t in inputs))
 
 
 def gated_delta_rule(q, k, v, g, beta, initial_state=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,12 +194,14 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None) -> tuple[torch.Tensor
 
     ``q``, ``k``: ``[N, T, H, dk]`` (normalised here); ``v``: ``[N, T, HV, dv]`` with ``HV`` a multiple of ``H``;
     ``g`` (log decay, <= 0) and ``beta``: ``[N, T, HV]``; ``initial_state``: ``[N, HV, dk, dv]`` or None (zeros).
-    Differentiable w.r.t. all of them.
+    Differentiable w.r.t. all of them; only the inputs are kept for the backward.
     """
     tensors = (q, k, v, g, beta) + (() if initial_state is None else (initial_state,))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if choose_backend(q.device, needs_grad) == "fla":
-        out, state = _fla_chunk()(q, k, v, g=g, beta=beta, initial_state=initial_state, output_final_state=True,
-                                  use_qk_l2norm_in_kernel=True)
-        return out, state.float()
-    return chunk_gated_delta_rule(q, k, v, g, beta, initial_state)
+    backend = choose_backend(q.device, needs_grad)
+    if backend == "fla":  # fla's own autograd (it recomputes in its backward too)
+        return _fla_forward(q, k, v, g, beta, initial_state)
+    forward_fn = _fla_forward if backend == "fla-forward" else chunk_gated_delta_rule
+    if not needs_grad:
+        return forward_fn(q, k, v, g, beta, initial_state)
+    return _RecomputedBackward.apply(forward_fn, q, k, v, g, beta, initial_state)
