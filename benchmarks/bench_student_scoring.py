@@ -1,14 +1,22 @@
-"""End to end: student scores of B images under the 4 rubric dimensions, with the gradient to the pixels (ReFL).
+"""End to end: student scores of B images under the 4 rubric dimensions, with the gradient to the pixels (ReFL),
+and the student against the reasoning teacher on the same model (the paper's Table 3).
 
-``ours`` is ``RewardScorer.student_scores``: one forward pass over the ``B·4`` chat prompts, the last hidden
-state only, the score distribution from the K LM-head rows. ``naive`` is plain transformers usage: one pass
-per dimension through ``model(...)``, full ``[B, L, V]`` logits, the score tokens read at the last position.
+``ours`` is ``RewardScorer.student_scores``: each image encoded once, each image's shared prompt prefix (chat
+header, image) run once, the ``B·4`` dimension-specific suffixes in one batch from the prefix states, the last
+hidden state only, the score distribution from the K LM-head rows. ``naive`` is plain transformers usage: one
+pass per dimension through ``model(...)``, full ``[B, L, V]`` logits, the score tokens read at the last position.
 Both preprocess the images with the same differentiable Qwen-VL path and build the same prompts, and both
 return the ``[B, 4]`` expected scores; the model is frozen (ReFL trains the generator, not the reward model).
 
+``teacher`` is ``RewardScorer.teacher_rollouts`` for each dimension: ``G`` sampled reasoning outputs of exactly
+``L`` tokens per image, then the score distribution after the answer prefix; against it ``ours`` scores the same
+images in student mode (one output position). Both forward only (inference), items = images.
+
 The model is a random-weight Qwen3.5 with the 9B text shape (hidden 4096, vocabulary 248,320, the 9B's
 attention and linear-attention heads) and few layers, in bf16; the vision tower stays tiny. ``--smoke`` uses
-the tiny default configuration.
+the tiny default configuration. ``ZREWARD_GATED_DELTA_BACKEND`` (``auto`` | ``torch`` | ``fla``) picks the
+linear-attention kernel of ``ours`` (the case's ``params`` say which ran); transformers picks its own for
+``naive`` and ``teacher`` (fla when installed).
 """
 from __future__ import annotations
 
@@ -45,6 +53,8 @@ def _scorer(smoke: bool, device_type: str):
         model, processor = tiny_qwen35(**({} if smoke else QWEN35_9B_TEXT))
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
+    # The tiny processor caps images at 128 x 128 pixels; the 512 px case needs its full 256 placeholders.
+    processor.image_processor.size = {"shortest_edge": 32 * 32, "longest_edge": 512 * 512}
     model.requires_grad_(False)
     vocab = ScoreVocab.from_tokenizer(processor.tokenizer)
     return model, processor, RewardScorer(model, processor, vocab)
@@ -83,6 +93,24 @@ def _naive(model, processor, scorer):
     return run
 
 
+def _teacher(scorer, samples: int, length: int):
+    from zreward.rubric import DIMENSIONS
+
+    def run(images):
+        prompts = [PROMPT] * images.shape[0]
+        return torch.stack([scorer.teacher_rollouts(images, prompts, d, samples, length, min_new_tokens=length)
+                            .scores.mean.mean(1) for d in DIMENSIONS], 1)
+    return run
+
+
+def _params(model, batch: int, size: int, config: Config, **extra) -> dict:
+    from zreward.gated_delta import choose_backend
+
+    text = model.config.text_config
+    return {"B": batch, "image_size": size, "D": text.hidden_size, "V": text.vocab_size,
+            "layers": text.num_hidden_layers, "gated_delta": choose_backend(config.device, needs_grad=True), **extra}
+
+
 def _case(batch: int, size: int, config: Config, headline: bool) -> Case:
     model, processor, scorer = _scorer(config.smoke, config.device.type)
     dtype = next(model.parameters()).dtype
@@ -98,12 +126,27 @@ def _case(batch: int, size: int, config: Config, headline: bool) -> Case:
         op=OP, label=f"B={batch} x 4 dims, {size}px, D={width} V={vocab} {layers} layers", make_inputs=make_inputs,
         providers=[Provider("ours", _ours(scorer)), Provider("naive", _naive(model, processor, scorer))],
         grad=("images",), series=f"D={width} {layers} layers", x=batch, x_name="B (images)", headline=headline,
-        items=batch,
-        baseline="naive", params={"B": batch, "image_size": size, "D": width, "V": vocab, "layers": layers},
+        items=batch, baseline="naive", params=_params(model, batch, size, config),
+    )
+
+
+def _teacher_case(batch: int, size: int, samples: int, length: int, config: Config) -> Case:
+    model, _, scorer = _scorer(config.smoke, config.device.type)
+    dtype = next(model.parameters()).dtype
+    text = model.config.text_config
+    return Case(
+        op=OP, label=f"teacher G={samples} x {length} tokens vs student, B={batch} x 4 dims, {size}px, "
+                     f"D={text.hidden_size} {text.num_hidden_layers} layers",
+        make_inputs=lambda: {"images": torch.rand(batch, 3, size, size, device=config.device, dtype=dtype)},
+        providers=[Provider("ours", _ours(scorer)), Provider("teacher", _teacher(scorer, samples, length))],
+        grad=(), series="teacher vs student", x=batch, x_name="B (images)", headline=False, items=batch,
+        baseline="teacher", params=_params(model, batch, size, config, G=samples, L=length),
     )
 
 
 def cases(config: Config) -> list:
     if config.smoke:
-        return [_case(1, 32, config, headline=True)]
-    return [_case(batch, 128, config, headline=batch == 8) for batch in (4, 8, 16)]
+        return [_case(1, 32, config, headline=True), _teacher_case(1, 32, 2, 4, config)]
+    # 512 px (256 image tokens per prompt) is where sharing the image and the prefix weighs most.
+    return [*(_case(batch, 128, config, headline=batch == 8) for batch in (4, 8, 16)),
+            _case(8, 512, config, headline=False), _teacher_case(8, 128, 1, 750, config)]

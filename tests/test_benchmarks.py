@@ -24,7 +24,7 @@ PROVIDERS = {
     "pairwise_gap": {"triton", "eager", "compile", "liger"},
     "slice_kl": {"triton", "eager", "compile", "liger", "naive"},
     "linear_score": {"cuda", "triton", "eager", "compile", "liger", "naive"},
-    "student_scoring": {"ours", "naive"},
+    "student_scoring": {"ours", "naive", "teacher"},
 }
 
 

@@ -157,6 +157,18 @@ def test_teacher_rollouts_never_sample_vision_placeholders():
     scorer.rollout_forward(rollouts)  # re-encoding must still match the image features
 
 
+def test_teacher_rollouts_of_a_set_length():
+    model, processor = tiny_qwen35(seed=3)
+    scorer = RewardScorer(model, processor, ScoreVocab.from_tokenizer(processor.tokenizer))
+    with torch.no_grad():  # make a stop token by far the likeliest next token: only min_new_tokens holds it back
+        weight = scorer.lm_head_weight()
+        weight[scorer.stop_ids[0]] = 50 * weight.abs().max()
+    torch.manual_seed(0)
+    rollouts = scorer.teacher_rollouts(_images(), PROMPTS, "realism", num_samples=2, max_new_tokens=5,
+                                       min_new_tokens=5)
+    assert rollouts.completion_mask.sum(1).tolist() == [5] * 4
+
+
 def test_cut_completion_at_written_answer_prefix(scorer):
     prefix, stop = scorer.prefix_ids, scorer.stop_ids[0]
     assert scorer._cut_completion([5, 6, *prefix, 30, stop, 7]) == [5, 6]
@@ -172,6 +184,8 @@ def test_cut_completion_at_written_answer_prefix(scorer):
     (lambda s: s.student_scores(_images(), PROMPTS, temperature=0.0), ValueError, "temperature"),
     (lambda s: s.teacher_rollouts(_images(), PROMPTS, "realism", 0, 4), ValueError, "num_samples"),
     (lambda s: s.teacher_rollouts(_images(), PROMPTS, "realism", 2, 0), ValueError, "max_new_tokens"),
+    (lambda s: s.teacher_rollouts(_images(), PROMPTS, "realism", 2, 4, min_new_tokens=5), ValueError,
+     "min_new_tokens"),
 ])
 def test_bad_arguments(scorer, call, error, match):
     with pytest.raises(error, match=match):

@@ -119,11 +119,12 @@ def test_single_dimension_and_parameter_gradients(case):
 def test_split_rows():
     image, pad = 7, 0
     rows = [[1, image, image, 2, 3, 4], [1, image, image, 2, 5],  # image 0: shares 4 tokens
-            [1, image, image, 9, 3], [1, image, image, 9, 3, 8]]   # image 1: shares 5, but one prefix length for all
+            [1, image, image, 9, 3], [1, image, image, 9, 3]]      # image 1: shares 5, but one prefix length for all
     split = split_rows(rows, 2, pad, image)
     assert split.prefix.tolist() == [[1, image, image, 2], [1, image, image, 9]]
-    assert split.suffix.tolist() == [[3, 4], [5, pad], [3, pad], [3, 8]]
-    assert split.last.tolist() == [1, 0, 0, 1]
+    # Grouped by position within the image (dimension), one row per image, padded within the group only.
+    assert [t.tolist() for t in split.suffixes] == [[[3, 4], [3, pad]], [[5], [3]]]
+    assert [t.tolist() for t in split.lasts] == [[1, 0], [0, 0]]
     # Identical rows still leave one suffix token (the position the score is read at).
     assert split_rows([[1, image, 2], [1, image, 2]], 2, pad, image).prefix.tolist() == [[1, image]]
 

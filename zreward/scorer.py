@@ -134,10 +134,11 @@ class RewardScorer:
     # -- teacher ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def teacher_rollouts(self, images: torch.Tensor, prompts: Sequence[str], dimension: str, num_samples: int,
-                         max_new_tokens: int, temperature: float = 1.0) -> Rollouts:
+                         max_new_tokens: int, temperature: float = 1.0, *, min_new_tokens: int = 0) -> Rollouts:
         """Sample ``num_samples`` reasoning outputs per image (pure temperature sampling), cut each at the first
         stop token or at the answer prefix the model wrote itself, append the answer prefix and decode the score
-        distribution there. ``scores`` has ``[B, num_samples]`` leading shape.
+        distribution there. ``scores`` has ``[B, num_samples]`` leading shape. ``min_new_tokens`` holds the stop
+        tokens back for that many steps (benchmarks use it for reasoning of a set length).
         """
         check_dimension(dimension)
         prompts = _check_prompts(prompts, images)
@@ -146,6 +147,9 @@ class RewardScorer:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) \
+                or not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"min_new_tokens must be an int in [0, max_new_tokens], got {min_new_tokens!r}")
         pixel_values, grid = preprocess_images(images, self.image_processor)
         texts = [chat_prompt(self.tokenizer, p, dimension, reasoning=True) for p in prompts]
         prompt_rows = [self.tokenizer.encode(t, add_special_tokens=False) for t in self._expand_images(texts, grid, 1)]
@@ -155,7 +159,7 @@ class RewardScorer:
         prompts_batch = self._left_pad(prompt_rows)
         generated = self.model.generate(
             **prompts_batch, pixel_values=row_pixels, image_grid_thw=row_grid, do_sample=True,
-            temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids,
             suppress_tokens=self.vision_token_ids,
         )[:, prompts_batch["input_ids"].shape[1]:]

@@ -8,7 +8,7 @@ dimension-specific one: the chat header and the image placeholders come first. :
 2. runs the common prefix once per image through the language model, keeping each layer's state at its end:
    the keys/values of a full-attention layer, the causal-conv inputs and the recurrent state of a Qwen3.5
    gated-delta-net (linear-attention) layer;
-3. repeats those states once per prompt and runs the prompt-specific suffixes from them.
+3. runs the prompt-specific suffixes from those states, one batch per prompt kind (dimension).
 
 The states stay in the autograd graph, so gradients reach the pixels (and every weight) through the prefix.
 The layers' own modules compute everything (norms, projections, attention, MLP); this file supplies what
@@ -34,13 +34,13 @@ DELTA_NET_PARTS = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "conv1d
 
 @dataclass
 class Split:
-    """Rows cut into one shared ``prefix [B, P]`` per image and right-padded ``suffix [N, S]`` rows, where row
-    ``n`` belongs to image ``n // rows_per_image``; ``last [N]`` is each row's last suffix position."""
+    """Rows cut into one shared ``prefix [B, P]`` per image and suffixes. Row ``n`` belongs to image
+    ``n // rows_per_image``; the suffixes are grouped by ``j = n % rows_per_image`` (the dimension): group ``j`` is
+    ``suffixes[j] [B, S_j]`` (right-padded, one row per image) with ``lasts[j] [B]`` the last real positions."""
 
     prefix: torch.Tensor
-    suffix: torch.Tensor
-    last: torch.Tensor
-    rows_per_image: int
+    suffixes: list[torch.Tensor]
+    lasts: list[torch.Tensor]
 
 
 def split_rows(rows: list[list[int]], rows_per_image: int, pad_token_id: int, image_token_id: int) -> Split:
@@ -58,12 +58,15 @@ def split_rows(rows: list[list[int]], rows_per_image: int, pad_token_id: int, im
             raise ValueError(f"row {i} has image placeholders after the first prompt-specific token: the image must "
                              "come before the text that differs between an image's prompts")
     prefix = torch.tensor([rows[s][:length] for s in range(0, len(rows), rows_per_image)], dtype=torch.int64)
-    width = max(len(r) for r in rows) - length
-    suffix = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
-    for i, row in enumerate(rows):
-        suffix[i, :len(row) - length] = torch.tensor(row[length:], dtype=torch.int64)
-    last = torch.tensor([len(r) - length - 1 for r in rows], dtype=torch.int64)
-    return Split(prefix, suffix, last, rows_per_image)
+    suffixes, lasts = [], []
+    for j in range(rows_per_image):
+        group = [row[length:] for row in rows[j::rows_per_image]]
+        suffix = torch.full((len(group), max(map(len, group))), pad_token_id, dtype=torch.int64)
+        for i, tokens in enumerate(group):
+            suffix[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        suffixes.append(suffix)
+        lasts.append(torch.tensor([len(tokens) - 1 for tokens in group], dtype=torch.int64))
+    return Split(prefix, suffixes, lasts)
 
 
 @dataclass
@@ -170,7 +173,7 @@ def shared_prefix_hidden(model, split: Split, pixel_values: torch.Tensor, image_
     inner = model.model
     language_model = inner.language_model
     device = pixel_values.device
-    prefix, suffix = split.prefix.to(device), split.suffix.to(device)
+    prefix = split.prefix.to(device)
     embed = inner.get_input_embeddings()
     hidden = embed(prefix)
     vision = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True)
@@ -186,12 +189,14 @@ def shared_prefix_hidden(model, split: Split, pixel_values: torch.Tensor, image_
     positions, _ = inner.get_rope_index(prefix, mm_token_type_ids=image_mask.int(), image_grid_thw=image_grid_thw)
     _, states = _layers(language_model, hidden, positions, {}, 0, deepstack, image_mask)
 
-    # Text after the image continues the multimodal RoPE positions one past the prefix's largest, on all axes.
-    repeat = split.rows_per_image
-    start = positions.amax(dim=(0, 2)).repeat_interleave(repeat) + 1
-    suffix_positions = (start[:, None] + torch.arange(suffix.shape[1], device=device)).expand(3, -1, -1)
-    states = {i: tuple(t.repeat_interleave(repeat, 0) for t in s) if isinstance(s, tuple)
-              else DeltaState(s.conv.repeat_interleave(repeat, 0), s.recurrent.repeat_interleave(repeat, 0))
-              for i, s in states.items()}
-    hidden, _ = _layers(language_model, embed(suffix), suffix_positions, states, prefix.shape[1])
-    return hidden[torch.arange(hidden.shape[0], device=device), split.last.to(device)]
+    # Text after the image continues the multimodal RoPE positions one past the prefix's largest, on all axes. One
+    # suffix pass per group (dimension): its rows align with the prefix rows, so the states need no repeating, and
+    # the rows of a group (same rubric, different prompts) differ little in length: little padding.
+    start = positions.amax(dim=(0, 2)) + 1
+    last_hidden = []
+    for suffix, last in zip(split.suffixes, split.lasts):
+        suffix = suffix.to(device)
+        suffix_positions = (start[:, None] + torch.arange(suffix.shape[1], device=device)).expand(3, -1, -1)
+        hidden, _ = _layers(language_model, embed(suffix), suffix_positions, states, prefix.shape[1])
+        last_hidden.append(hidden[torch.arange(hidden.shape[0], device=device), last.to(device)])
+    return torch.stack(last_hidden, 1).flatten(0, 1)  # row b * rows_per_image + j
