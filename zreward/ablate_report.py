@@ -68,7 +68,7 @@ def write_plot(result: dict, path: Path) -> None:
     for axis, role in zip(axes[1:], ("teacher", "student")):
         for name in names:
             runs = result["arms"][name]
-            if result["descriptions"][name][0] != role or not runs[0]["curve"]:
+            if result["descriptions"][name][0] != role or len(runs[0]["curve"]) < 2:  # zero-shot: one point
                 continue
             curves = np.asarray([run["curve"] for run in runs], dtype=np.float64)  # [seeds, points, (step, hpa)]
             steps, hpa = curves[0, :, 0], curves[:, :, 1]
@@ -77,7 +77,7 @@ def write_plot(result: dict, path: Path) -> None:
                 axis.fill_between(steps, hpa.min(0), hpa.max(0), color=colours[name], alpha=0.15)
         axis.axhline(0.5, color="gray", linestyle=":", linewidth=1)
         axis.set(title=f"{role} arms: held-out HPA while training (band: seed range)", xlabel="trainer step",
-                 ylabel="HPA")
+                 ylabel="HPA" if role == "student" else "HPA (one reasoning sample per image)")
         axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
