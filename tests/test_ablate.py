@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from zreward.ablate import DESCRIPTIONS, STUDENT_ARMS, TEACHER_ARMS, AblationConfig, run_ablation
+from zreward.ablate import AblationConfig, run_ablation
+from zreward.ablate_arms import DESCRIPTIONS, STUDENT_ARMS, TEACHER_ARMS
 from zreward.cli import build_parser
 from zreward.gdso import GDSOConfig
 from zreward.risd import RISDConfig

@@ -52,7 +52,7 @@ class AblationConfig:
     # spin against other processes (0.22 s per GDSO step with 1 thread, 0.7-2.9 s with 2, on a loaded 2-core
     # machine). The cores are used by running arms in parallel worker processes instead.
     threads: int = 1
-    workers: int | None = None       # worker processes; None: one per CPU core (one on CUDA)
+    workers: int | None = None       # worker processes; None: one per CPU core, at most one per arm (one on CUDA)
     output_dir: str = "zreward-ablate"
     train_prompts: int = _DEMO.train_prompts
     eval_prompts: int = _DEMO.eval_prompts
@@ -70,12 +70,14 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("ablate", help="SFT / GRPO / GDSO teachers and SFT / RISD students, over seeds",
                                    description=__doc__.splitlines()[0])
     defaults = AblationConfig()
-    parser.add_argument("--output-dir", default=defaults.output_dir, help="where ablation.{json,md,png} go")
+    parser.add_argument("--output-dir", default=defaults.output_dir,
+                        help="where ablation.json, .md and .png go (default %(default)s)")
     parser.add_argument("--seeds", type=_positive_int, default=defaults.seeds, help="seeds 0..N-1 (default %(default)s)")
     parser.add_argument("--teacher-steps", type=_positive_int, default=defaults.teacher_steps,
-                        help="optimizer steps per teacher arm (default %(default)s)")
+                        help="GDSO steps per teacher arm, each of gdso.updates_per_batch optimizer updates "
+                             "(default %(default)s)")
     parser.add_argument("--student-steps", type=_positive_int, default=defaults.student_steps,
-                        help="optimizer steps per student arm (default %(default)s)")
+                        help="RISD steps (optimizer updates) per student arm (default %(default)s)")
     parser.add_argument("--eval-every", type=_positive_int, default=defaults.eval_every,
                         help="steps between the training-curve evaluations (default %(default)s)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device)
@@ -113,11 +115,11 @@ def run_ablation(config: AblationConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    workers = config.workers or (1 if config.device == "cuda" else os.cpu_count() or 1)
     # Longest tasks first (the RISD teacher's task also trains the RISD student), so the workers finish together.
     order = sorted(TEACHER_ARMS, key=lambda name: name != TEACHER_FOR_RISD)
     tasks = [(teacher_task, seed, name) for name in order for seed in range(config.seeds)]
     tasks += [(student_sft_task, seed) for seed in range(config.seeds)]
+    workers = config.workers or (1 if config.device == "cuda" else min(os.cpu_count() or 1, len(tasks)))
     total = config.seeds * (len(TEACHER_ARMS) * config.teacher_steps + len(STUDENT_ARMS) * config.student_steps)
     threads = torch.get_num_threads()
     with tqdm(total=total, desc="ablate", unit="step", disable=not progress) as bar:
@@ -189,5 +191,5 @@ def _assemble(seeds: int, parts: list[dict]) -> dict[str, list[dict]]:
         for seed, entry in enumerate(arms[name]):
             entry["curve"] = arms[f"{role}_zero_shot"][seed]["curve"] + entry["curve"]
     for seed, entry in enumerate(arms["teacher_zero_shot"]):
-        entry["tokens_per_score"] = arms["gdso"][seed]["history"][0]["completion_tokens"] + 1
+        entry["tokens_per_score"] = arms[TEACHER_FOR_RISD][seed]["history"][0]["completion_tokens"] + 1
     return arms

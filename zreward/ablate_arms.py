@@ -70,7 +70,8 @@ class _Seed:
                             for c in _chunks(len(self.held_out), 16)])
         return _metrics(scores.cpu(), self.held_out)
 
-    def student_arm(self, name: str, student, targets: TeacherCache, ticks) -> dict:
+    def student_arm(self, student, targets: TeacherCache, ticks) -> dict:
+        """``student`` trained by RISD on ``targets`` (a teacher's distributions or one-hot human scores)."""
         torch.manual_seed(self.seed)
         trainer = RISDTrainer(student, self.train, targets, replace(self.config.risd, seed=self.seed))
         curve, metrics = _train(trainer, self.config.student_steps, self.config.eval_every,
@@ -107,7 +108,7 @@ def teacher_task(config, seed: int, name: str, ticks) -> dict:
         risd = config.risd
         cache = TeacherCache.build(teacher, run.train, num_samples=risd.teacher_samples,
                                    max_new_tokens=risd.teacher_max_new_tokens, temperature=risd.teacher_temperature)
-        out["risd"] = run.student_arm("risd", run.student(), cache, ticks)
+        out["risd"] = run.student_arm(run.student(), cache, ticks)
     return out
 
 
@@ -116,7 +117,7 @@ def student_sft_task(config, seed: int, ticks) -> dict:
     run = _Seed(config, seed)
     student = run.student()
     targets = TeacherCache.from_human_scores(run.train, student.vocab)
-    return {"student_sft": run.student_arm("student_sft", student, targets, ticks)}
+    return {"student_sft": run.student_arm(student, targets, ticks)}
 
 
 def _train(trainer, steps: int, every: int, evaluate, ticks) -> tuple[list[list[float]], dict]:

@@ -28,11 +28,14 @@ def write_table(result: dict, path: Path) -> None:
     """Markdown: one row per arm, mean ± std over seeds, with the run's settings above it."""
     config = result["config"]
     pairs = [run["metrics"]["pairs"] for run in next(iter(result["arms"].values()))]
-    lines = [
+    settings = (
         f"Seeds 0..{config['seeds'] - 1}; {config['teacher_steps']} GDSO steps per teacher arm "
         f"({config['gdso']['updates_per_batch']} optimizer updates each), {config['student_steps']} RISD steps per "
         f"student arm; {min(pairs)}-{max(pairs)} held-out pairs per seed; device {result['device']}, "
-        f"{result['workers']} worker(s) x {config['threads']} thread(s); {result['runtime_s'] / 60:.1f} min.",
+        f"{result['workers']} worker(s) x {config['threads']} thread(s); {result['runtime_s'] / 60:.1f} min."
+    )
+    lines = [
+        settings,
         "",
         "| role | arm | what it trains | " + " | ".join(label for _, label in METRICS) + " | output tokens / score |",
         "|---|---|---|" + "---:|" * (len(METRICS) + 1),
