@@ -2,10 +2,12 @@
 denoising steps, VAE decode, student scores for the 4 dimensions, backward into the generator's LoRA).
 
 Four variants: per-step gradient checkpointing on / off, crossed with the fused student path
-(``RewardScorer.student_scores``: one pass over B x 4 prompts, last hidden state, K LM-head rows) / scoring
-through full logits (``bench_student_scoring``'s ``naive`` path: one pass per dimension, ``[B, L, V]`` logits).
+(``RewardScorer.student_scores``: each image encoded once, its shared prompt prefix run once, the 4 dimension
+suffixes from the prefix states, last hidden state, K LM-head rows) / scoring through full logits
+(``bench_student_scoring``'s ``naive`` path: one ``model(...)`` pass per dimension, ``[B, L, V]`` logits).
 Memory is the CUDA peak on GPU and, everywhere, the bytes autograd keeps saved for backward (activations only,
-parameters excluded), which is what checkpointing trades for recomputation.
+parameters excluded), which is what checkpointing trades for recomputation, in total and per component
+(generator transformer, VAE decoder, scorer vision tower, the rest of the scorer, other).
 
     python -m benchmarks.bench_refl --smoke                      # CPU: tiny random-weight models
     python -m benchmarks.bench_refl --out benchmarks/results     # GPU: larger random-weight models
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_student_scoring import _naive, _scorer
+from benchmarks.saved_memory import SavedBytes
 from zreward.refl import ReFLConfig, ReFLTrainer, ZImageAdapter, student_reward_fn, tiny_zimage_pipeline
 from zreward.rubric import DIMENSIONS
 
@@ -35,34 +38,15 @@ def _config(smoke: bool, checkpointing: bool) -> ReFLConfig:
                       gradient_checkpointing=checkpointing)
 
 
-class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Counts the distinct non-parameter tensors autograd saves for backward (each storage once)."""
-
-    def __init__(self, parameter_ptrs: set[int]):
-        self.ptrs: dict[int, int] = {}
-
-        def pack(t: torch.Tensor):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in parameter_ptrs:
-                self.ptrs[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        super().__init__(pack, lambda t: t)
-
-    @property
-    def total(self) -> int:
-        return sum(self.ptrs.values())
-
-
-def _measure(trainer: ReFLTrainer, device: torch.device, reps: int, parameter_ptrs: set[int]) -> dict:
-    times, saved, peaks = [], 0, []
+def _measure(trainer: ReFLTrainer, device: torch.device, reps: int, saved: SavedBytes) -> dict:
+    times, peaks = [], []
     for rep in range(reps + 1):  # the first run warms up and is not timed
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        hook = SavedBytes(parameter_ptrs)
-        with hook:
+        saved.sizes.clear()
+        with saved:
             loss, _, _ = trainer.loss([PROMPT] * trainer.config.batch_size, torch.Generator().manual_seed(rep))
         loss.backward()
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -71,15 +55,23 @@ def _measure(trainer: ReFLTrainer, device: torch.device, reps: int, parameter_pt
             peaks.append(torch.cuda.max_memory_allocated() / 2**20)
         if rep:
             times.append((time.perf_counter() - start) * 1e3)
-        saved = hook.total
-    return {"step_ms": statistics.median(times), "saved_mib": saved / 2**20,
+    return {"step_ms": statistics.median(times), "saved_mib": saved.total / 2**20,
+            "saved_mib_by_component": {k: v / 2**20 for k, v in saved.by_component.items()},
             "peak_mib": max(peaks) if peaks else None}
+
+
+def _labelled(reward_fn, saved: SavedBytes):
+    """``reward_fn`` with what it saves attributed to the scorer (its vision tower has a label of its own)."""
+    def run(images, prompts):
+        with saved.label("scorer text + head"):
+            return reward_fn(images, prompts)
+    return run
 
 
 def run(smoke: bool, reps: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, processor, scorer = _scorer(smoke, device.type)
+    model, processor, scorer = _scorer("tiny" if smoke else "9b", device.type)
     naive = _naive(model, processor, scorer)
     rewards = {"fused": student_reward_fn(scorer, DIMENSIONS), "full_logits": lambda images, prompts: naive(images)}
     rows = []
@@ -89,12 +81,13 @@ def run(smoke: bool, reps: int) -> dict:
             pipe = tiny_zimage_pipeline(**({} if smoke else dict(dim=512, n_layers=8, text_dim=256)))
             pipe = pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
             adapter = ZImageAdapter(pipe, max_sequence_length=config.max_sequence_length)
-            trainer = ReFLTrainer(adapter, reward_fn, config)
             params = [*pipe.transformer.parameters(), *pipe.vae.parameters(), *pipe.text_encoder.parameters(),
                       *model.parameters()]
-            ptrs = {p.untyped_storage().data_ptr() for p in params}
+            saved = SavedBytes(params, {"generator transformer": pipe.transformer, "VAE decoder": pipe.vae.decoder,
+                                        "scorer vision": model.model.visual})
+            trainer = ReFLTrainer(adapter, _labelled(reward_fn, saved), config)
             rows.append({"gradient_checkpointing": checkpointing, "scoring": scoring,
-                         **_measure(trainer, device, reps, ptrs)})
+                         **_measure(trainer, device, reps, saved)})
             del trainer, adapter, pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -113,6 +106,14 @@ def markdown(result: dict) -> str:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         lines.append(f"| {'on' if r['gradient_checkpointing'] else 'off'} | {r['scoring']} | {r['step_ms']:.1f} | "
                      f"{r['saved_mib']:.2f} | {peak} |")
+    components = sorted({c for r in result["rows"] for c in r["saved_mib_by_component"]})
+    lines += ["", "Saved for backward, MiB per component (\"other\": sampling and decoding glue outside the labelled "
+              "modules; with checkpointing the generator keeps only each step's inputs, which do not show here)", "",
+              "| checkpointing | scoring | " + " | ".join(components) + " |", "|---|---|" + "---|" * len(components)]
+    for r in result["rows"]:
+        cells = [f"{r['saved_mib_by_component'].get(c, 0.0):.2f}" for c in components]
+        on = "on" if r["gradient_checkpointing"] else "off"
+        lines.append(f"| {on} | {r['scoring']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ linear-attention kernel of ``ours`` (the case's ``params`` say which ran); trans
 from __future__ import annotations
 
 import inspect
+import time
 from functools import lru_cache
 
 import torch
@@ -39,18 +40,26 @@ QWEN35_9B_TEXT = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
                      "mrope_section": [11, 11, 10], "mrope_interleaved": True},
 )
+# A width a CPU handles in seconds, with the 9B's layer mix and grouped linear-attention values.
+SMALL_TEXT = dict(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+    layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=4, num_key_value_heads=2, head_dim=64, linear_key_head_dim=32, linear_value_head_dim=32,
+    linear_num_key_heads=4, linear_num_value_heads=8,
+)
+SHAPES = {"tiny": {}, "small": SMALL_TEXT, "9b": QWEN35_9B_TEXT}
 
 
 @lru_cache(maxsize=2)
-def _scorer(smoke: bool, device_type: str):
-    """The frozen model, processor and scorer, built once per run (on the device, so init is fast on GPU)."""
+def _scorer(shape: str, device_type: str):
+    """The frozen model (text config ``SHAPES[shape]``), processor and scorer, built once per run (on the device,
+    so init is fast on GPU)."""
     from zreward.scorer import RewardScorer
     from zreward.tiny_models import tiny_qwen35
     from zreward.vocab import ScoreVocab
 
     device = torch.device(device_type)
     with device:
-        model, processor = tiny_qwen35(**({} if smoke else QWEN35_9B_TEXT))
+        model, processor = tiny_qwen35(**SHAPES[shape])
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
     # The tiny processor caps images at 128 x 128 pixels; the 512 px case needs its full 256 placeholders.
@@ -112,7 +121,7 @@ def _params(model, batch: int, size: int, config: Config, **extra) -> dict:
 
 
 def _case(batch: int, size: int, config: Config, headline: bool) -> Case:
-    model, processor, scorer = _scorer(config.smoke, config.device.type)
+    model, processor, scorer = _scorer("tiny" if config.smoke else "9b", config.device.type)
     dtype = next(model.parameters()).dtype
 
     def make_inputs():
@@ -131,7 +140,7 @@ def _case(batch: int, size: int, config: Config, headline: bool) -> Case:
 
 
 def _teacher_case(batch: int, size: int, samples: int, length: int, config: Config) -> Case:
-    model, _, scorer = _scorer(config.smoke, config.device.type)
+    model, _, scorer = _scorer("tiny" if config.smoke else "9b", config.device.type)
     dtype = next(model.parameters()).dtype
     text = model.config.text_config
     return Case(
@@ -150,3 +159,58 @@ def cases(config: Config) -> list:
     # 512 px (256 image tokens per prompt) is where sharing the image and the prefix weighs most.
     return [*(_case(batch, 128, config, headline=batch == 8) for batch in (4, 8, 16)),
             _case(8, 512, config, headline=False), _teacher_case(8, 128, 1, 750, config)]
+
+
+def compare(shape: str, batch: int, size: int, reps: int) -> list[dict]:
+    """``ours`` and ``naive`` fwd+bwd (gradient to the pixels) on one device, interleaved ``reps`` times: the fastest
+    time, images/s and the bytes saved for backward (working memory that a CPU can measure)."""
+    from benchmarks.saved_memory import SavedBytes
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor, scorer = _scorer(shape, device.type)
+    dtype = next(model.parameters()).dtype
+    runs = {"ours": _ours(scorer), "naive": _naive(model, processor, scorer)}
+    times, saved = {name: [] for name in runs}, {}
+    for _ in range(reps):
+        for name, run in runs.items():
+            images = torch.rand(batch, 3, size, size, device=device, dtype=dtype, requires_grad=True)
+            counter = SavedBytes(model.parameters())
+            start = time.perf_counter()
+            with counter:
+                scores = run(images)
+            scores.sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+            saved[name] = counter.total
+    rows = [{"provider": name, "ms": min(times[name]) * 1e3, "images_per_s": batch / min(times[name]),
+             "saved_mib": saved[name] / 2**20} for name in runs]
+    for row in rows:
+        row["speed_vs_naive"] = rows[1]["ms"] / row["ms"]
+        row["memory_vs_naive"] = row["saved_mib"] / rows[1]["saved_mib"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_student_scoring",
+                                     description="ours vs naive student scoring, with saved-for-backward memory")
+    parser.add_argument("--shape", choices=SHAPES, default="small", help="text config (default: small)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args(argv)
+    rows = compare(args.shape, args.batch, args.size, args.reps)
+    print(f"{args.shape} text config, B={args.batch} x 4 dims, {args.size}px, fwd+bwd to the pixels, "
+          f"fastest of {args.reps}, {torch.get_num_threads()} CPU threads")
+    print("\n| provider | fwd+bwd ms | images/s | saved for backward MiB | speed vs naive | memory vs naive |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['provider']} | {r['ms']:.0f} | {r['images_per_s']:.2f} | {r['saved_mib']:.1f} | "
+              f"{r['speed_vs_naive']:.2f}x | {r['memory_vs_naive']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -119,9 +119,11 @@ def _delta_net(layer, x: torch.Tensor, state: DeltaState | None) -> tuple[torch.
 
 
 def _attention_mask(attention, queries: torch.Tensor, past: int) -> torch.Tensor | None:
-    """Causal mask for ``queries [N, S, D]`` after ``past`` prefix positions: additive ``[1, 1, S, past + S]``
-    for eager and sdpa, None for flash attention (its causal mask is aligned to the last key already)."""
-    if "flash" in attention.config._attn_implementation:
+    """Causal mask for ``queries [N, S, D]`` after ``past`` prefix positions: additive ``[1, 1, S, past + S]``, or
+    None where the kernel's own causal mask is right: flash attention aligns it to the last key, sdpa's
+    ``is_causal`` to the first (right only without a prefix; it keeps sdpa on its fused kernels)."""
+    implementation = attention.config._attn_implementation
+    if "flash" in implementation or (implementation == "sdpa" and past == 0):
         return None
     length = queries.shape[1]
     keys = torch.arange(past + length, device=queries.device)
