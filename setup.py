@@ -123,6 +123,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "trl>=0.20"],
+        # Triton kernels for Qwen3.5's gated delta rule (zreward.gated_delta). CUDA machines only: once installed,
+        # transformers' own Qwen3.5 forward uses them too, and they do not run on CPU tensors.
+        "fla": ["fla-core>=0.6"],
     },
     entry_points={"console_scripts": ["zreward=zreward.cli:main", "zr-bench=benchmarks.__main__:main"]},
 )
