@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from zreward.checkpoint import load_checkpoint, save_checkpoint
-from zreward.distributed import (DistContext, all_gather_tensors, all_reduce_mean, free_port, init_distributed,
+from zreward.distributed import (DistContext, all_gather_tensors, all_reduce_mean, fsdp_mesh_device, init_distributed,
                                  shard_indices, shutdown_distributed, unwrap_model, wrap_model)
 
 WORLD = 2
@@ -27,10 +27,24 @@ class Blocks(torch.nn.Module):
         return self.out(x).squeeze(-1)
 
 
-def _worker(rank, port, out_dir, strategy):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    ctx = init_distributed(device="cpu")
+def _join(rank: int, out_dir: str) -> DistContext:
+    """Join this test's two-rank gloo group, as a rank that torchrun started would.
+
+    The ranks meet through a file in the test's own directory. They used to meet on a port probed free in the
+    parent (bind to 0, close) that rank 0 rebinds only seconds later, after the spawned ranks import torch; any
+    process on the machine can take it in between. Given a port that another two-rank job was using, our rank 1
+    joined that job's TCPStore, our rank 0 failed with EADDRINUSE and the other job hung (reproduced here).
+    The FSDP2 case also died once with SIGABRT in rank 1 on CI and once in about 170 runs here; its trace was not
+    kept, so its cause is not established. Besides the CPU, the port was all these ranks shared with other jobs on
+    the machine; this removes it, and one compute thread per rank keeps two ranks within a 2-core CI machine.
+    """
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    return init_distributed(device="cpu", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}")
+
+
+def _worker(rank, out_dir, strategy):
+    ctx = _join(rank, out_dir)
     try:
         torch.manual_seed(0)  # same init on every rank; DDP also broadcasts rank 0's
         model = wrap_model(Blocks(), ctx, strategy=strategy)
@@ -82,7 +96,7 @@ def _fsdp2_runs_on_cpu() -> bool:
     pytest.param("fsdp2", marks=pytest.mark.skipif(not _fsdp2_runs_on_cpu(), reason="no FSDP2 in this torch")),
 ])
 def test_two_ranks_stay_in_sync(tmp_path, strategy):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path), strategy), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path), strategy), nprocs=WORLD, join=True)
     params = [load_file(tmp_path / f"params{r}.st") for r in range(WORLD)]
     reports = [json.loads((tmp_path / f"report{r}.json").read_text()) for r in range(WORLD)]
     assert params[0].keys() == params[1].keys()
@@ -120,21 +134,35 @@ def test_single_process_fallbacks():
         wrap_model(model, ctx, strategy="zero3")
 
 
+
+@pytest.mark.parametrize("device,backend", [
+    ("cpu", "gloo"), ("cpu", "cpu:gloo,cuda:nccl"),
+    ("cuda:1", "nccl"), ("cuda:0", "cpu:gloo,cuda:nccl"),  # the CUDA decision needs no GPU to check
+])
+def test_fsdp_mesh_is_on_the_model_device(device, backend):
+    assert fsdp_mesh_device(torch.device(device), backend) == torch.device(device)
+
+
+@pytest.mark.parametrize("device,backend,match", [
+    ("cpu", "nccl", "serves cpu"), ("cuda:0", "gloo", "serves cuda"), ("cuda", "nccl", "index"),
+])
+def test_fsdp_mesh_device_that_cannot_work_is_an_error(device, backend, match):
+    with pytest.raises(ValueError, match=match):
+        fsdp_mesh_device(torch.device(device), backend)
+
 def test_uneven_shards_are_cut_to_equal_length():
     shards = [shard_indices(7, DistContext(rank=r, world_size=2), seed=0, epoch=0) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 3
 
 
-def _risd_worker(rank, port, out_dir):
+def _risd_worker(rank, out_dir):
     from zreward.risd import RISDConfig, RISDTrainer, TeacherCache
     from zreward.scorer import RewardScorer
     from zreward.synthetic import SyntheticPreferences
     from zreward.tiny_models import tiny_qwen35
     from zreward.vocab import ScoreVocab
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    ctx = init_distributed(device="cpu")
+    ctx = _join(rank, out_dir)
     try:
         data = SyntheticPreferences(2, 2, 32, seed=0)
         probs = torch.softmax(torch.randn(len(data), 1, 9, generator=torch.Generator().manual_seed(0)), -1)
@@ -155,7 +183,7 @@ def _risd_worker(rank, port, out_dir):
 
 
 def test_risd_trainer_on_two_ranks(tmp_path):
-    mp.spawn(_risd_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_risd_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     params = [load_file(tmp_path / f"risd{r}.st") for r in range(WORLD)]
     reports = [json.loads((tmp_path / f"risd{r}.json").read_text()) for r in range(WORLD)]
     for name in params[0]:

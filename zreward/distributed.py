@@ -10,7 +10,6 @@ Every helper degrades to a no-op in a single process, so trainers call them unco
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +36,15 @@ class DistContext:
         return self.world_size > 1
 
 
-def init_distributed(device: str | torch.device | None = None, backend: str | None = None) -> DistContext:
+def init_distributed(device: str | torch.device | None = None, backend: str | None = None,
+                     init_method: str | None = None) -> DistContext:
     """Join the process group described by the ``torchrun`` environment variables (if any).
 
     ``device``: ``"cuda"`` (each rank takes ``cuda:<LOCAL_RANK>``), ``"cpu"``, or None for CUDA when
-    available. ``backend`` defaults to NCCL for CUDA and gloo for CPU. Without ``WORLD_SIZE`` > 1 in the
-    environment (and no group already initialised) this returns a single-process context.
+    available. ``backend`` defaults to NCCL for CUDA and gloo for CPU. ``init_method``: where the ranks meet;
+    None is torchrun's ``MASTER_ADDR``/``MASTER_PORT``, ``"file:///path"`` a file all ranks can reach (no port).
+    Without ``WORLD_SIZE`` > 1 in the environment (and no group already initialised) this returns a
+    single-process context.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -54,7 +56,8 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
         return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
     if world_size == 1:
         return DistContext(device=device)
-    dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+    dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), init_method=init_method,
+                            rank=int(os.environ.get("RANK", "-1")), world_size=world_size)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -81,8 +84,15 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, strategy: str = "ddp") 
         # find_unused_parameters: the score head reads only K rows of the LM head, and GDSO's reasoning
         # tokens or RISD's prompts may leave whole branches (vision tower, KL reference) out of a step
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # One mesh for every unit, on the model's own device. Without one, fully_shard builds a mesh on the machine's
+    # accelerator whenever it has one, so CPU ranks on gloo on a one-GPU machine each claimed cuda:<LOCAL_RANK>.
+    mesh_device = fsdp_mesh_device(ctx.device, dist.get_backend())
+    if mesh_device.type == "cuda":
+        torch.cuda.set_device(mesh_device)  # FSDP2 keeps its shards on the current CUDA device
+    mesh = init_device_mesh(mesh_device.type, (ctx.world_size,))
     # shard the outermost repeated blocks (decoder layers, vision blocks), each one unit, then the root
     blocks: list[tuple[str, torch.nn.Module]] = []
     for name, module in model.named_modules():
@@ -90,9 +100,28 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, strategy: str = "ddp") 
         if isinstance(module, torch.nn.ModuleList) and not inside_block:
             blocks.extend((f"{name}.{i}", block) for i, block in enumerate(module))
     for _, block in blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
+
+
+# The devices each single c10d backend serves for FSDP2's collectives (a mixed one reads "cpu:gloo,cuda:nccl").
+_BACKEND_DEVICES = {"gloo": {"cpu"}, "nccl": {"cuda"}}
+
+
+def fsdp_mesh_device(device: torch.device, backend: str) -> torch.device:
+    """The device FSDP2's mesh is built for: the device the model is on (``ctx.device``), which the process
+    group's ``backend`` must serve. CPU → ``cpu``; CUDA → this rank's own ``cuda:<LOCAL_RANK>``, one per rank."""
+    backend = backend.lower()
+    served = ({entry.split(":")[0] for entry in backend.split(",")} if ":" in backend
+              else _BACKEND_DEVICES.get(backend, {device.type}))  # another backend: trust the caller
+    if device.type not in served:
+        raise ValueError(f"FSDP2 on {device.type} needs a process group that serves {device.type}, got backend "
+                         f"{backend!r} (gloo serves cpu, nccl serves cuda)")
+    if device.type == "cuda" and device.index is None:
+        raise ValueError("FSDP2 on CUDA needs this rank's device with its index (cuda:<LOCAL_RANK>, as "
+                         "init_distributed sets it), got 'cuda'")
+    return device
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -160,10 +189,3 @@ def all_reduce_gradients(model: torch.nn.Module) -> None:
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
         offset += p.numel()
-
-
-def free_port() -> int:
-    """An unused loopback TCP port, for ``MASTER_PORT`` in tests and single-node launches."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
