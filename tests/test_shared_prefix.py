@@ -116,6 +116,26 @@ def test_single_dimension_and_parameter_gradients(case):
     torch.testing.assert_close(grad, grad_alone, rtol=1e-3, atol=1e-6 * grad_alone.abs().max().item())
 
 
+def test_gradient_checkpointing_is_honoured():
+    """With activation checkpointing enabled (training mode) the decoder layers keep only their inputs."""
+    scorer = _scorer(tiny_qwen35, **LONG_PREFIX)
+    images = _images(2, 64, seed=7).requires_grad_()
+    results = []
+    for enabled in (False, True):
+        if enabled:  # the method's name from transformers 5.2x; 5.17 has only the older one
+            model = scorer.model
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        scorer.model.train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            mean = scorer.student_scores(images, PROMPTS).mean
+        results.append((mean, torch.autograd.grad(mean.sum(), images)[0], sum(saved)))
+    (mean, grad, saved), (mean_ckpt, grad_ckpt, saved_ckpt) = results
+    torch.testing.assert_close(mean_ckpt, mean)
+    torch.testing.assert_close(grad_ckpt, grad)
+    assert saved_ckpt < saved / 2
+
+
 def test_split_rows():
     image, pad = 7, 0
     rows = [[1, image, image, 2, 3, 4], [1, image, image, 2, 5],  # image 0: shares 4 tokens

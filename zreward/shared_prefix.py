@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from zreward.gated_delta import gated_delta_rule
@@ -132,25 +133,35 @@ def _attention_mask(attention, queries: torch.Tensor, past: int) -> torch.Tensor
     return mask.masked_fill(blocked, torch.finfo(queries.dtype).min)[None, None]
 
 
+def _decoder_layer(layer, hidden, cos_sin, mask, state, key_values):
+    """One decoder layer: token mixer (from ``state`` for a gated delta net, from ``key_values`` for attention) and
+    MLP, each pre-normed with a residual. Returns the hidden states and the layer's state at the end."""
+    mixer_in = layer.input_layernorm(hidden)
+    if getattr(layer, "linear_attn", None) is not None:
+        mixed, state = _delta_net(layer.linear_attn, mixer_in, state)
+    else:
+        mixed, _ = layer.self_attn(hidden_states=mixer_in, position_embeddings=cos_sin, attention_mask=mask,
+                                   past_key_values=key_values)
+        state = key_values.seen[layer.self_attn.layer_idx]
+    hidden = hidden + mixed
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), state
+
+
 def _layers(language_model, hidden, positions, states: dict, past: int, deepstack=(), image_mask=None):
-    """All decoder layers (residual, norm, token mixer, norm, MLP) from ``states`` (empty: from the start).
-    Returns the final-norm hidden states and the layers' states at the end."""
+    """All decoder layers from ``states`` (empty: from the start). Returns the final-norm hidden states and the
+    layers' states at the end."""
     cos_sin = language_model.rotary_emb(hidden, positions)
     key_values = PrefixKeyValues({i: s for i, s in states.items() if isinstance(s, tuple)})
+    attention = next((layer.self_attn for layer in language_model.layers if hasattr(layer, "self_attn")), None)
+    mask = None if attention is None else _attention_mask(attention, hidden, past)
     new_states = {}
-    mask = None
     for i, layer in enumerate(language_model.layers):
-        mixer_in = layer.input_layernorm(hidden)
-        if getattr(layer, "linear_attn", None) is not None:
-            mixed, new_states[i] = _delta_net(layer.linear_attn, mixer_in, states.get(i))
+        args = (layer, hidden, cos_sin, mask, states.get(i), key_values)
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            # As transformers' GradientCheckpointingLayer does after model.gradient_checkpointing_enable().
+            hidden, new_states[i] = checkpoint(_decoder_layer, *args, use_reentrant=False)
         else:
-            if mask is None:
-                mask = _attention_mask(layer.self_attn, hidden, past)
-            mixed, _ = layer.self_attn(hidden_states=mixer_in, position_embeddings=cos_sin, attention_mask=mask,
-                                       past_key_values=key_values)
-            new_states[i] = key_values.seen[layer.self_attn.layer_idx]
-        hidden = hidden + mixed
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden, new_states[i] = _decoder_layer(*args)
         if i < len(deepstack):  # Qwen3-VL: the vision tower's intermediate features join the image positions
             hidden = hidden + torch.zeros_like(hidden).masked_scatter(image_mask[..., None], deepstack[i])
     return language_model.norm(hidden), new_states
