@@ -16,10 +16,10 @@ final state too. Implementations, picked per call (``ZREWARD_GATED_DELTA_BACKEND
   (``"fla-forward"``), saying so once; forward-only calls are unaffected.
 * ``torch``: :func:`chunk_gated_delta_rule`, chunks of 64 tokens, each chunk's triangular system solved in one
   batched ``solve_triangular`` (the WY form), then one state update per chunk.
+* :func:`recurrent_gated_delta_rule`: the token-by-token definition above; the reference the tests compare to.
 
 Except under fla's own autograd, only the inputs are kept for the backward, which recomputes the chunk
 intermediates (they are fp32 and O(T * 64) per head: most of a layer's activation memory otherwise).
-* :func:`recurrent_gated_delta_rule`: the token-by-token definition above; the reference the tests compare to.
 """
 from __future__ import annotations
 
