@@ -34,7 +34,7 @@ def _join(rank: int, out_dir: str) -> DistContext:
     parent (bind to 0, close) that rank 0 rebinds only seconds later, after the spawned ranks import torch; any
     process on the machine can take it in between. Given a port that another two-rank job was using, our rank 1
     joined that job's TCPStore, our rank 0 failed with EADDRINUSE and the other job hung (reproduced here).
-    The FSDP2 case also died once with SIGABRT in rank 1 on CI and once in about 170 runs here; its trace was not
+    The FSDP2 case also died once with SIGABRT in rank 1 on CI and once in about 200 runs here; its trace was not
     kept, so its cause is not established. Besides the CPU, the port was all these ranks shared with other jobs on
     the machine; this removes it, and one compute thread per rank keeps two ranks within a 2-core CI machine.
     """
