@@ -11,10 +11,9 @@ from dataclasses import replace
 
 import torch
 
-from zreward.demo import STUDENT_CONFIG, TEACHER_CONFIG, _chunks, _metrics, _scorer
-from zreward.gdso import GDSOTrainer, teacher_expected_scores
+from zreward.demo import STUDENT_CONFIG, TEACHER_CONFIG, build_scorer, student_metrics, teacher_metrics
+from zreward.gdso import GDSOTrainer
 from zreward.risd import RISDTrainer, TeacherCache
-from zreward.rubric import DIMENSIONS
 from zreward.synthetic import SyntheticPreferences
 
 # GDSOConfig overrides of each teacher arm: every teacher arm is the GDSO trainer.
@@ -51,24 +50,16 @@ class _Seed:
                                              seed=seed + 1, spread=config.spread)
 
     def teacher(self):
-        return _scorer(self.seed, TEACHER_CONFIG, self.device)
+        return build_scorer(self.seed, TEACHER_CONFIG, self.device)
 
     def student(self):
-        return _scorer(self.seed + 1, STUDENT_CONFIG, self.device)
+        return build_scorer(self.seed + 1, STUDENT_CONFIG, self.device)
 
-    @torch.no_grad()
     def teacher_metrics(self, scorer, samples: int) -> dict:
-        everything = range(len(self.held_out))
-        scores = teacher_expected_scores(scorer, self.held_out.images(everything).to(self.device),
-                                         self.held_out.prompts(everything), DIMENSIONS, samples,
-                                         self.config.gdso.max_new_tokens)
-        return _metrics(scores.cpu(), self.held_out)
+        return teacher_metrics(scorer, self.held_out, self.device, samples, self.config.gdso.max_new_tokens)
 
-    @torch.no_grad()
     def student_metrics(self, scorer) -> dict:
-        scores = torch.cat([scorer.student_scores(self.held_out.images(c).to(self.device), self.held_out.prompts(c)).mean
-                            for c in _chunks(len(self.held_out), 16)])
-        return _metrics(scores.cpu(), self.held_out)
+        return student_metrics(scorer, self.held_out, self.device)
 
     def student_arm(self, student, targets: TeacherCache, ticks) -> dict:
         """``student`` trained by RISD on ``targets`` (a teacher's distributions or one-hot human scores)."""
@@ -85,12 +76,12 @@ def zero_shot_task(config, seed: int) -> dict:
     run = _Seed(config, seed)
     teacher, student = run.teacher(), run.student()
     torch.manual_seed(seed)
-    student_metrics = run.student_metrics(student)
+    initial_student = run.student_metrics(student)
     return {
         # output tokens are filled in from the first training batch, which the initial teacher samples
         "teacher_zero_shot": entry(seed, run.teacher_metrics(teacher, config.eval_teacher_samples), None,
                                    [[0, run.teacher_metrics(teacher, 1)["hpa"]]]),
-        "student_zero_shot": entry(seed, student_metrics, 1, [[0, student_metrics["hpa"]]]),
+        "student_zero_shot": entry(seed, initial_student, 1, [[0, initial_student["hpa"]]]),
     }
 
 

@@ -89,23 +89,15 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     log(f"data: {len(train)} train images ({len(pairs)} same-prompt pairs over {len(DIMENSIONS)} dimensions), "
         f"{len(held_out)} held-out images")
 
-    teacher = _scorer(config.seed, TEACHER_CONFIG, device)
-    student = _scorer(config.seed + 1, STUDENT_CONFIG, device)
+    teacher = build_scorer(config.seed, TEACHER_CONFIG, device)
+    student = build_scorer(config.seed + 1, STUDENT_CONFIG, device)
     log(f"teacher {_count(teacher.model) / 1e6:.2f}M params, student {_count(student.model) / 1e6:.2f}M params")
 
     def evaluate_teacher():
-        with torch.no_grad():
-            scores = teacher_expected_scores(teacher, held_out.images(range(len(held_out))).to(device),
-                                             held_out.prompts(range(len(held_out))), DIMENSIONS,
-                                             config.eval_teacher_samples, config.gdso.max_new_tokens)
-        return _metrics(scores.cpu(), held_out)
+        return teacher_metrics(teacher, held_out, device, config.eval_teacher_samples, config.gdso.max_new_tokens)
 
     def evaluate_student():
-        with torch.no_grad():
-            scores = torch.cat([
-                student.student_scores(held_out.images(chunk).to(device), held_out.prompts(chunk)).mean
-                for chunk in _chunks(len(held_out), 16)])
-        return _metrics(scores.cpu(), held_out)
+        return student_metrics(student, held_out, device)
 
     stages = {"teacher_before": evaluate_teacher(), "student_before": evaluate_student()}
     _report(log, "teacher before GDSO", stages["teacher_before"])
@@ -136,12 +128,31 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     return summary
 
 
-def _scorer(seed: int, overrides: dict, device: torch.device) -> RewardScorer:
+def build_scorer(seed: int, overrides: dict, device: torch.device) -> RewardScorer:
+    """A tiny random-init Qwen3.5 (``TEACHER_CONFIG`` or ``STUDENT_CONFIG`` overrides) as a scorer."""
     model, processor = tiny_qwen35(seed=seed, **overrides)
     return RewardScorer(model.to(device), processor, ScoreVocab.from_tokenizer(processor.tokenizer))
 
 
-def _metrics(scores: torch.Tensor, data: SyntheticPreferences) -> dict:
+@torch.no_grad()
+def teacher_metrics(teacher: RewardScorer, data: SyntheticPreferences, device: torch.device, samples: int,
+                    max_new_tokens: int) -> dict:
+    """``held_out_metrics`` of the teacher's expected scores over ``samples`` reasoning rollouts per row."""
+    everything = range(len(data))
+    scores = teacher_expected_scores(teacher, data.images(everything).to(device), data.prompts(everything),
+                                     DIMENSIONS, samples, max_new_tokens)
+    return held_out_metrics(scores.cpu(), data)
+
+
+@torch.no_grad()
+def student_metrics(student: RewardScorer, data: SyntheticPreferences, device: torch.device) -> dict:
+    """``held_out_metrics`` of the student's one-token expected scores (16 images per call)."""
+    chunks = [list(range(i, min(i + 16, len(data)))) for i in range(0, len(data), 16)]
+    scores = torch.cat([student.student_scores(data.images(c).to(device), data.prompts(c)).mean for c in chunks])
+    return held_out_metrics(scores.cpu(), data)
+
+
+def held_out_metrics(scores: torch.Tensor, data: SyntheticPreferences) -> dict:
     """Pooled over (image, dimension): PLCC/SRCC of scores, HPA over same-prompt same-dimension pairs;
     plus HPA per dimension."""
     preds, targets, groups = [], [], []
@@ -203,10 +214,6 @@ def _plot(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _chunks(n: int, size: int):
-    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
 def _count(model) -> int:
