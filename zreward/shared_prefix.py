@@ -19,7 +19,9 @@ the backward (``zreward.gated_delta``), while transformers fixes that choice at 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +135,12 @@ def _attention_mask(attention, queries: torch.Tensor, past: int) -> torch.Tensor
     return mask.masked_fill(blocked, torch.finfo(queries.dtype).min)[None, None]
 
 
+@cache
+def _cache_keyword(attention_class) -> str:
+    """transformers 5.24 renamed the attention's ``past_key_values`` argument ``cache`` (the old name warns)."""
+    return "cache" if "cache" in inspect.signature(attention_class.forward).parameters else "past_key_values"
+
+
 def _decoder_layer(layer, hidden, cos_sin, mask, state, key_values):
     """One decoder layer: token mixer (from ``state`` for a gated delta net, from ``key_values`` for attention) and
     MLP, each pre-normed with a residual. Returns the hidden states and the layer's state at the end."""
@@ -140,8 +148,9 @@ def _decoder_layer(layer, hidden, cos_sin, mask, state, key_values):
     if getattr(layer, "linear_attn", None) is not None:
         mixed, state = _delta_net(layer.linear_attn, mixer_in, state)
     else:
+        cache_arg = {_cache_keyword(type(layer.self_attn)): key_values}
         mixed, _ = layer.self_attn(hidden_states=mixer_in, position_embeddings=cos_sin, attention_mask=mask,
-                                   past_key_values=key_values)
+                                   **cache_arg)
         state = key_values.seen[layer.self_attn.layer_idx]
     hidden = hidden + mixed
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), state
