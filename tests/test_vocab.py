@@ -1,4 +1,6 @@
 """Score vocabulary and rubric prompts on the tiny Qwen-style tokenizer."""
+import os
+
 import pytest
 import torch
 
@@ -63,6 +65,9 @@ def test_rubric_texts():
         assert rubric.DIMENSION_NAMES[dimension] in text and "a fox" in text
         assert "9 means score 5" in text and "8 means 4.5" in text
         assert "Reason step by step" in rubric.instruction("a fox", dimension, reasoning=True)
+    # An image's four prompts differ only from the rubric on: the prompt, scale and answer format are shared.
+    shared = os.path.commonprefix([rubric.instruction("a fox", d) for d in rubric.DIMENSIONS])
+    assert shared.endswith("Prompt: a fox\nRubric (") and "9 means score 5" in shared
     with pytest.raises(ValueError, match="dimension must be one of"):
         rubric.instruction("a fox", "sharpness")
 

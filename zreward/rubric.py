@@ -73,16 +73,16 @@ def instruction(prompt: str, dimension: str, *, reasoning: bool = False) -> str:
     """The user turn: rate the image for ``dimension`` given the generation ``prompt``.
 
     With ``reasoning`` the model is asked to think first and finish with ``ANSWER_PREFIX`` + digit
-    (the teacher); without, to answer directly (the student).
+    (the teacher); without, to answer directly (the student). Everything before the rubric is the same for an
+    image's four dimensions, so a scorer computes it once per image (``zreward.shared_prefix``).
     """
     name = DIMENSION_NAMES[check_dimension(dimension)]
     how = (f"Reason step by step about the image, then finish with a line '{ANSWER_PREFIX}<digit>'."
            if reasoning else f"Reply with '{ANSWER_PREFIX}<digit>' only.")
     return (
-        f"Rate the {name} of the image generated for the prompt below.\n"
+        f"Rate the image generated for the prompt below on the rubric below. {_SCALE} {how}\n"
         f"Prompt: {prompt}\n"
-        f"Rubric ({name}):\n{rubric_text(dimension)}\n"
-        f"{_SCALE} {how}"
+        f"Rubric ({name}):\n{rubric_text(dimension)}"
     )
 
 
