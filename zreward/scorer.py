@@ -115,8 +115,9 @@ class RewardScorer:
         """Score distribution per image and dimension: ``probs [B, len(dimensions), K]``, ``mean``/``std [B, D]``.
 
         ``images``: float ``[B, 3, H, W]`` in ``[0, 1]``; ``prompts``: the B generation prompts. The vision tower
-        runs once per image, the prompt prefix shared by an image's dimensions (chat header, image) once per image,
-        and the ``B * len(dimensions)`` dimension-specific suffixes in one batch from the prefix states;
+        runs once per image, the prompt prefix shared by an image's dimensions (everything before the rubric: chat
+        header, image, generation prompt, instructions) once per image, and the dimension-specific suffixes in one
+        batch per dimension from the prefix states;
         differentiable w.r.t. ``images`` and the model's parameters. Equal to running every prompt on its own.
         """
         dimensions = [check_dimension(d) for d in dimensions]
