@@ -34,9 +34,9 @@ def _join(rank: int, out_dir: str) -> DistContext:
     parent (bind to 0, close) that rank 0 rebinds only seconds later, after the spawned ranks import torch; any
     process on the machine can take it in between. Given a port that another two-rank job was using, our rank 1
     joined that job's TCPStore, our rank 0 failed with EADDRINUSE and the other job hung (reproduced here).
-    The FSDP2 case also died once with SIGABRT in rank 1 on CI and once in about 200 runs here; its trace was not
-    kept, so its cause is not established. Besides the CPU, the port was all these ranks shared with other jobs on
-    the machine; this removes it, and one compute thread per rank keeps two ranks within a 2-core CI machine.
+    Besides the CPU, the port was all these ranks shared with other jobs on the machine; this removes it, and one
+    compute thread per rank keeps two ranks within a 2-core CI machine. (The FSDP2 case's occasional SIGABRT at
+    rank exit had another cause: see ``shutdown_distributed``.)
     """
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
@@ -46,41 +46,45 @@ def _join(rank: int, out_dir: str) -> DistContext:
 def _worker(rank, out_dir, strategy):
     ctx = _join(rank, out_dir)
     try:
-        torch.manual_seed(0)  # same init on every rank; DDP also broadcasts rank 0's
-        model = wrap_model(Blocks(), ctx, strategy=strategy)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-        seen = []
-        torch.manual_seed(100 + rank)  # per-rank streams differ, as under torchrun
-        for epoch in range(2):
-            indices = shard_indices(len(DATA), ctx, seed=1, epoch=epoch)
-            seen.append(indices)
-            for start in range(0, len(indices), 3):
-                batch = DATA[indices[start:start + 3]]
-                loss = (model(batch) - batch.sum(-1)).pow(2).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        mean_loss = all_reduce_mean(loss)
-        gathered = all_gather_tensors(torch.tensor([float(rank)]))
-        save_checkpoint(os.path.join(out_dir, "ckpt"), model, optimizer, {"epoch": 2})
-        full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
-                for k, v in unwrap_model(model).state_dict().items()}
-        save_file({k: v.detach().contiguous() for k, v in full.items()}, os.path.join(out_dir, f"params{rank}.st"))
-        after_draw = torch.rand(1).item()
-
-        fresh = wrap_model(Blocks(), ctx, strategy=strategy)
-        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.05)
-        state = load_checkpoint(os.path.join(out_dir, "ckpt"), fresh, fresh_opt)
-        resumed_draw = torch.rand(1).item()  # this rank's own stream is restored
-        reloaded = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
-                    for k, v in unwrap_model(fresh).state_dict().items()}
-        report = {"seen": seen, "mean_loss": mean_loss.item(), "gathered": gathered.tolist(), "state": state,
-                  "draws": [after_draw, resumed_draw],
-                  "reload_equal": all(torch.equal(reloaded[k], full[k]) for k in full)}
-        with open(os.path.join(out_dir, f"report{rank}.json"), "w") as f:
-            json.dump(report, f)
-    finally:
+        _train_and_report(rank, out_dir, strategy, ctx)
+    finally:  # the models are out of scope here, as shutdown_distributed needs
         shutdown_distributed()
+
+
+def _train_and_report(rank, out_dir, strategy, ctx):
+    torch.manual_seed(0)  # same init on every rank; DDP also broadcasts rank 0's
+    model = wrap_model(Blocks(), ctx, strategy=strategy)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    seen = []
+    torch.manual_seed(100 + rank)  # per-rank streams differ, as under torchrun
+    for epoch in range(2):
+        indices = shard_indices(len(DATA), ctx, seed=1, epoch=epoch)
+        seen.append(indices)
+        for start in range(0, len(indices), 3):
+            batch = DATA[indices[start:start + 3]]
+            loss = (model(batch) - batch.sum(-1)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    mean_loss = all_reduce_mean(loss)
+    gathered = all_gather_tensors(torch.tensor([float(rank)]))
+    save_checkpoint(os.path.join(out_dir, "ckpt"), model, optimizer, {"epoch": 2})
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+            for k, v in unwrap_model(model).state_dict().items()}
+    save_file({k: v.detach().contiguous() for k, v in full.items()}, os.path.join(out_dir, f"params{rank}.st"))
+    after_draw = torch.rand(1).item()
+
+    fresh = wrap_model(Blocks(), ctx, strategy=strategy)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.05)
+    state = load_checkpoint(os.path.join(out_dir, "ckpt"), fresh, fresh_opt)
+    resumed_draw = torch.rand(1).item()  # this rank's own stream is restored
+    reloaded = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                for k, v in unwrap_model(fresh).state_dict().items()}
+    report = {"seen": seen, "mean_loss": mean_loss.item(), "gathered": gathered.tolist(), "state": state,
+              "draws": [after_draw, resumed_draw],
+              "reload_equal": all(torch.equal(reloaded[k], full[k]) for k in full)}
+    with open(os.path.join(out_dir, f"report{rank}.json"), "w") as f:
+        json.dump(report, f)
 
 
 def _fsdp2_runs_on_cpu() -> bool:
@@ -156,30 +160,34 @@ def test_uneven_shards_are_cut_to_equal_length():
 
 
 def _risd_worker(rank, out_dir):
+    ctx = _join(rank, out_dir)
+    try:
+        _train_risd(rank, out_dir, ctx)
+    finally:  # the models are out of scope here, as shutdown_distributed needs
+        shutdown_distributed()
+
+
+def _train_risd(rank, out_dir, ctx):
     from zreward.risd import RISDConfig, RISDTrainer, TeacherCache
     from zreward.scorer import RewardScorer
     from zreward.synthetic import SyntheticPreferences
     from zreward.tiny_models import tiny_qwen35
     from zreward.vocab import ScoreVocab
 
-    ctx = _join(rank, out_dir)
-    try:
-        data = SyntheticPreferences(2, 2, 32, seed=0)
-        probs = torch.softmax(torch.randn(len(data), 1, 9, generator=torch.Generator().manual_seed(0)), -1)
-        cache = TeacherCache(probs, ("realism",), data.prompts(range(len(data))), {}, torch.linspace(1, 5, 9))
-        model, processor = tiny_qwen35(seed=rank, layer_types=["full_attention"] * 2)  # rank 0's weights win
-        student = RewardScorer(model, processor, ScoreVocab.from_tokenizer(processor.tokenizer))
-        trainer = RISDTrainer(student, data, cache, RISDConfig(batch_size=1, lr=1e-2), ctx=ctx)
-        seen = []
-        for _ in range(2):
-            seen.append(trainer._next_indices(len(data), 1)[0])
-            trainer.state["position"] -= 1
-            trainer.step()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"risd{rank}.st"))
-        with open(os.path.join(out_dir, f"risd{rank}.json"), "w") as f:
-            json.dump({"seen": seen, "history": trainer.history}, f)
-    finally:
-        shutdown_distributed()
+    data = SyntheticPreferences(2, 2, 32, seed=0)
+    probs = torch.softmax(torch.randn(len(data), 1, 9, generator=torch.Generator().manual_seed(0)), -1)
+    cache = TeacherCache(probs, ("realism",), data.prompts(range(len(data))), {}, torch.linspace(1, 5, 9))
+    model, processor = tiny_qwen35(seed=rank, layer_types=["full_attention"] * 2)  # rank 0's weights win
+    student = RewardScorer(model, processor, ScoreVocab.from_tokenizer(processor.tokenizer))
+    trainer = RISDTrainer(student, data, cache, RISDConfig(batch_size=1, lr=1e-2), ctx=ctx)
+    seen = []
+    for _ in range(2):
+        seen.append(trainer._next_indices(len(data), 1)[0])
+        trainer.state["position"] -= 1
+        trainer.step()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"risd{rank}.st"))
+    with open(os.path.join(out_dir, f"risd{rank}.json"), "w") as f:
+        json.dump({"seen": seen, "history": trainer.history}, f)
 
 
 def test_risd_trainer_on_two_ranks(tmp_path):

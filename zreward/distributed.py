@@ -9,6 +9,7 @@ Every helper degrades to a no-op in a single process, so trainers call them unco
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -62,6 +63,15 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
 
 
 def shutdown_distributed() -> None:
+    """Destroy the process group; call it once the wrapped models are out of scope (after the training function
+    returns, not beside a live model in the same frame).
+
+    Garbage is collected first because FSDP2-wrapped modules hold the process group in reference cycles. A group
+    freed only during interpreter exit tears down gloo's worker threads with the interpreter, and the rank dies
+    with SIGABRT ("terminate called without an active exception") after its work is done: 1 in 7 to 1 in 20
+    two-rank CPU runs here, none in 100 with the collection.
+    """
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
