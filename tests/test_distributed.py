@@ -138,6 +138,31 @@ def test_single_process_fallbacks():
         wrap_model(model, ctx, strategy="zero3")
 
 
+def test_shutdown_frees_reference_cycles_while_the_group_lives(tmp_path):
+    """What FSDP2's state does to its process group, in one process: a group reachable only from a reference cycle
+    must be freed before the group is destroyed, not during interpreter exit (a SIGABRT there)."""
+    import gc
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    freed_while_initialized = []
+
+    class HoldsGroup:
+        def __del__(self):
+            freed_while_initialized.append(dist.is_initialized())
+
+    gc.disable()  # no automatic collection between here and the shutdown
+    try:
+        holder = HoldsGroup()
+        holder.cycle = holder
+        del holder
+        shutdown_distributed()
+    finally:
+        gc.enable()
+    assert freed_while_initialized == [True]
+    assert not dist.is_initialized()
+
 
 @pytest.mark.parametrize("device,backend", [
     ("cpu", "gloo"), ("cpu", "cpu:gloo,cuda:nccl"),
@@ -153,6 +178,7 @@ def test_fsdp_mesh_is_on_the_model_device(device, backend):
 def test_fsdp_mesh_device_that_cannot_work_is_an_error(device, backend, match):
     with pytest.raises(ValueError, match=match):
         fsdp_mesh_device(torch.device(device), backend)
+
 
 def test_uneven_shards_are_cut_to_equal_length():
     shards = [shard_indices(7, DistContext(rank=r, world_size=2), seed=0, epoch=0) for r in range(2)]
