@@ -58,7 +58,7 @@ def device_stem(meta: dict) -> str:
 
 # ---- goals (reported on the GPU run, never asserted) ----------------------------------------------------------
 
-def _is_headline(record: dict) -> bool:
+def is_headline(record: dict) -> bool:
     return record["headline"]
 
 
@@ -70,7 +70,7 @@ class Goal:
     target: float
     value: Callable[[dict], Optional[float]]  # provider name -> record of the selected case
     unit: str = "x"
-    select: Callable[[dict], bool] = _is_headline  # which of the op's records form the case (default: headline)
+    select: Callable[[dict], bool] = is_headline  # which of the op's records form the case (default: headline)
 
 
 def _ok(by_provider: dict, names) -> Optional[dict]:

@@ -1,9 +1,11 @@
 """Two CPU ranks on gloo: parameters stay identical after steps, data is sharded, checkpoints resume."""
+import gc
 import json
 import os
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
@@ -141,10 +143,6 @@ def test_single_process_fallbacks():
 def test_shutdown_frees_reference_cycles_while_the_group_lives(tmp_path):
     """What FSDP2's state does to its process group, in one process: a group reachable only from a reference cycle
     must be freed before the group is destroyed, not during interpreter exit (a SIGABRT there)."""
-    import gc
-
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     freed_while_initialized = []
 
