@@ -9,7 +9,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES = ("zreward.evaluate", "zreward.demo", "zreward.ablate", "zreward.refl")
+SUBCOMMAND_MODULES = ("zreward.evaluate", "zreward.demo", "zreward.ablate", "zreward.refl", "zreward.deploy.score",
+                      "zreward.deploy.rank")
 
 
 def build_parser() -> argparse.ArgumentParser:

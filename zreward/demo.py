@@ -8,6 +8,8 @@
    smaller tiny Qwen3.5 student that scores without reasoning.
 4. PLCC / SRCC / HPA on held-out prompts before and after each stage, a PNG of the training curves and a
    JSON summary in ``--output-dir``.
+5. The trained models as model folders, ``<output-dir>/student`` and ``<output-dir>/teacher``, which
+   ``zreward score``, ``zreward serve`` and ``zreward evaluate`` load (``zreward.deploy.model_folder``).
 
 On a GPU (``--device cuda``) the same run uses the fused kernels (backend auto) and Liger's GRPO loss.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from zreward.deploy.model_folder import save_model_folder
 from zreward.gdso import GDSOConfig, GDSOTrainer, teacher_expected_scores
 from zreward.metrics import reward_metrics
 from zreward.risd import RISDConfig, RISDTrainer, TeacherCache
@@ -63,7 +66,8 @@ def add_parser(subparsers) -> None:
     defaults = DemoConfig()
     parser.add_argument("--steps", type=int, default=defaults.steps,
                         help=f"GDSO steps (RISD runs {defaults.risd_steps_per_gdso_step}x as many)")
-    parser.add_argument("--output-dir", default=defaults.output_dir, help="where the PNG, JSON and caches go")
+    parser.add_argument("--output-dir", default=defaults.output_dir,
+                        help="where the PNG, JSON, caches and model folders go")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
     parser.set_defaults(run=_run_from_args)
@@ -118,6 +122,10 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     risd.train(risd_steps, log=lambda m: _progress(log, "risd", m, risd_steps))
     stages["student_after"] = evaluate_student()
     _report(log, "student after RISD", stages["student_after"])
+
+    for role, scorer in (("student", student), ("teacher", teacher)):
+        save_model_folder(scorer, out / role, role=role)
+    log(f"model folders written to {out / 'student'} and {out / 'teacher'}")
 
     summary = {"config": asdict(config), "device": str(device), "stages": stages,
                "gdso_history": gdso.history, "risd_history": risd.history,

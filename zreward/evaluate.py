@@ -1,7 +1,8 @@
 """``zreward evaluate``: student scores of a saved model on an annotation file, metrics per dimension.
 
-The model folder is what ``save_pretrained`` writes for a Qwen-VL ``...ForConditionalGeneration`` plus its
-tokenizer and image processor. Prints a table (PLCC, SRCC, HPA, margin HPA per dimension and pooled) and
+The model folder is a zreward model folder (``zreward.deploy.model_folder``, as ``zreward demo`` writes), or
+what ``save_pretrained`` writes for a Qwen-VL ``...ForConditionalGeneration`` plus its tokenizer and image
+processor. Prints a table (PLCC, SRCC, HPA, margin HPA per dimension and pooled) and
 writes the same numbers, with the per-record predictions, as JSON with ``--output``.
 """
 from __future__ import annotations
@@ -15,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from zreward.data import Annotation, by_dimension, load_annotations, load_image
+from zreward.deploy.model_folder import load_model_folder
 from zreward.metrics import reward_metrics
-from zreward.scorer import RewardScorer, ScoringProcessor
-from zreward.vocab import ScoreVocab
+from zreward.scorer import RewardScorer
 
 COLUMNS = ("n", "pairs", "plcc", "srcc", "hpa", "margin_hpa")
 
@@ -70,13 +71,9 @@ def format_table(metrics: dict) -> str:
 
 def load_scorer(model_dir, device: str = "cpu", dtype: str = "float32",
                 attn_implementation: str = "sdpa") -> RewardScorer:
-    """A ``RewardScorer`` on the model, tokenizer and image processor saved in ``model_dir`` (default score vocab)."""
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    processor = ScoringProcessor.from_pretrained(model_dir)
-    vocab = ScoreVocab.from_tokenizer(processor.tokenizer)
-    return RewardScorer(model.to(device).eval(), processor, vocab, attn_implementation=attn_implementation)
+    """A ``RewardScorer`` on a model folder (its score vocabulary checked) or on a plain ``save_pretrained``
+    folder of model, tokenizer and image processor (default score vocabulary)."""
+    return load_model_folder(model_dir, device, dtype, attn_implementation, require_metadata=False)
 
 
 def run(args) -> int:
