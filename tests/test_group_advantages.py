@@ -19,7 +19,7 @@ def _rewards(n, dtype, *, seed=0, strided=False):
 def _kernel(*args, **kwargs):
     with trace_backends() as ran:
         out = group_advantages(*args, **kwargs, backend="triton")
-    assert ran == [("group_advantages", "triton")]
+    assert ran == ([("group_advantages", "triton")] if out.numel() else [])  # nothing to launch for N = 0
     return out
 
 

@@ -63,6 +63,10 @@ def _run(fn, hidden, weight, ids, bias, values, temperature, upstream):
     return list(out[:3]) + list(torch.autograd.grad(loss, leaves))
 
 
+# Every kernel of a forward + backward with gradients for hidden, weight and bias, in launch order.
+BACKWARD_TRACE = ("linear_score", "linear_score.backward", "linear_score.grad_hidden", "linear_score.grad_weight")
+
+
 def _check_against_reference(backend, rows, dim, vocab, num_bins, dtype, lm_head, bias=True):
     hidden, weight, ids, b, values = _case(rows, dim, vocab, num_bins, dtype, lm_head=lm_head, bias=bias)
     upstream = [torch.randn(rows, num_bins, device=DEVICE), torch.randn(rows, device=DEVICE),
@@ -70,7 +74,7 @@ def _check_against_reference(backend, rows, dim, vocab, num_bins, dtype, lm_head
     fused = lambda *a: linear_score(*a, backend=backend)  # noqa: E731
     with trace_backends() as ran:
         kernel = _run(fused, hidden, weight, ids, b, values, 0.7, upstream)
-    assert ran == [("linear_score", backend), ("linear_score.backward", backend)]
+    assert ran == [(op, backend) for op in BACKWARD_TRACE]
     eager = _run(reference.linear_score, hidden, weight, ids, b, values, 0.7, upstream)
     as64 = lambda t: t.double() if t is not None else None  # noqa: E731
     ref = _run(reference.linear_score, as64(hidden), as64(weight), ids, as64(b), values, 0.7, upstream)
@@ -163,7 +167,7 @@ def test_score_head_from_lm_head_under_compile(backend):
     with trace_backends() as ran:
         out = compiled(x)
         (out.mean.sum() + out.std.sum()).backward()
-    assert (("linear_score", backend) in ran) and (("linear_score.backward", backend) in ran)
+    assert ran == [(op, backend) for op in BACKWARD_TRACE]
     ref = reference.linear_score(hidden, lm_head.weight, head.values, ids, lm_head.bias)
     torch.testing.assert_close(out.probs, ref.probs)
     assert x.grad is not None and head.weight.grad.shape == (4, 24) and head.bias.grad.shape == (4,)

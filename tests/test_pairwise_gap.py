@@ -203,7 +203,9 @@ def _bad_cases():
         (dict(gap=_rand(3, device=_OTHER_DEVICE)), ValueError, "gap"),
         (dict(score_range=0.0), ValueError, "score_range"),
         (dict(score_range=-4.0), ValueError, "score_range"),
-        (dict(score_range=torch.tensor(4.0)), TypeError, "score_range"),
+        (dict(score_range=torch.tensor([4.0, 4.0])), TypeError, "score_range"),
+        (dict(score_range=True), TypeError, "score_range"),
+        (dict(score_range="4"), TypeError, "score_range"),
         (dict(backend="cuda"), ValueError, "backend"),
     ]
     return [(dict(ok, **case), error, match) for case, error, match in cases]

@@ -6,8 +6,12 @@ Every public op takes ``backend=None``; the env var ``ZR_KERNELS_BACKEND`` suppl
 ``TRITON_INTERPRET=1`` in the environment before ``triton`` is imported.
 
 ``trace_backends()`` lets a test (or a curious user) see which implementation really executed:
-launchers call ``note()`` at the point where the kernel is launched, so the record survives
-``torch.compile`` (the custom op body runs at run time, not at trace time).
+launchers call ``note()`` right after a kernel was launched (a call with nothing to compute, e.g. zero rows,
+launches nothing and notes nothing), so the record survives ``torch.compile`` (the custom op body runs at run
+time, not at trace time).
+
+Triton launches on the *current* CUDA device; ``launch_guard(device)`` makes the tensors' device current
+around a launch when it is not (tensors on ``cuda:1`` while ``cuda:0`` is current).
 """
 from __future__ import annotations
 
@@ -100,6 +104,17 @@ def _eager_function(op, forward, setup_context, backward) -> type[torch.autograd
     name = "".join(part.title() for part in op._name.split("::")[-1].split("_"))  # e.g. ScoreDistribution
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward_with_context),
                                                    "backward": staticmethod(backward)})
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def launch_guard(device: torch.device):
+    """A context making ``device`` the current CUDA device for a launch, or a no-op when it already is (or is
+    not a CUDA device). Costs one ``current_device()`` query per launch when nothing needs to change."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device.index)
 
 
 def note(op: str, backend: str) -> None:

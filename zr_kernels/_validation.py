@@ -6,6 +6,8 @@ them checked (the kernels mask every load, so a bad CUDA id yields NaN, never an
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -36,20 +38,46 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others: to
             raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
 
 
+def as_float(name: str, x) -> float:
+    """``x`` as a Python float: a Python or numpy real number, or a 0-d (or one-element) real tensor.
+
+    Bools are refused (``temperature=True`` is a mistake, not 1.0). A CUDA tensor is read back to the host,
+    which waits for the GPU: pass plain numbers on a hot path.
+    """
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.dtype == torch.bool or x.is_complex():
+            raise TypeError(f"{name} must be a real number or a one-element real tensor, got a tensor of "
+                            f"shape {tuple(x.shape)} and dtype {x.dtype}")
+        return float(x.item())
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):  # numpy floats and ints are Real, numpy bools not
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
+
+
+def as_int(name: str, x) -> int:
+    """``x`` as a Python int: a Python or numpy integer, or a 0-d (or one-element) integer tensor; bools refused."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name} must be an int or a one-element integer tensor, got a tensor of "
+                            f"shape {tuple(x.shape)} and dtype {x.dtype}")
+        return int(x.item())
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):  # numpy ints are Integral, numpy bools not
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    return operator.index(x)
+
+
 def check_positive_float(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(x).__name__}")
+    x = as_float(name, x)
     if not (x > 0 and x < float("inf")):
         raise ValueError(f"{name} must be a positive finite number, got {x}")
-    return float(x)
+    return x
 
 
 def check_float_in(name: str, x, low: float, high: float) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(x).__name__}")
+    x = as_float(name, x)
     if not (low <= x <= high):
         raise ValueError(f"{name} must lie in [{low}, {high}], got {x}")
-    return float(x)
+    return x
 
 
 def check_choice(name: str, x, choices: Sequence[str]) -> str:
@@ -86,8 +114,11 @@ def _host_ints(token_ids, name: str) -> tuple:
         if token_ids.dim() != 1:
             raise ValueError(f"{name} must be 1-D [K], got shape {tuple(token_ids.shape)}")
         return tuple(token_ids.tolist())
-    if isinstance(token_ids, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in token_ids):
-        return tuple(token_ids)
+    if type(token_ids).__module__ == "numpy" and getattr(token_ids, "ndim", None) == 1:  # a numpy array of ids
+        token_ids = token_ids.tolist()
+    if isinstance(token_ids, Sequence) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                               for i in token_ids):
+        return tuple(operator.index(i) for i in token_ids)
     raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints")
 
 
@@ -106,11 +137,12 @@ def as_token_ids(token_ids, vocab_size: int, device: torch.device, name: str = "
     if isinstance(token_ids, torch.Tensor) and token_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an int64 (or int32) tensor, got {token_ids.dtype}")
     if isinstance(token_ids, torch.Tensor) and (token_ids.device.type == "cuda" or torch.compiler.is_compiling()):
-        # Already on the GPU (or traced): only metadata is checked, so there is no host sync.
+        # Already on the GPU (or traced): only metadata is checked, so there is no host sync. The kernels read
+        # the ids with stride 1, so a strided view (``table[:, 0]``) is copied (K elements).
         if token_ids.dim() != 1:
             raise ValueError(f"{name} must be 1-D [K], got shape {tuple(token_ids.shape)}")
         _check_num_ids(token_ids.numel(), name)
-        return token_ids.to(device=device, dtype=torch.int64)
+        return token_ids.to(device=device, dtype=torch.int64).contiguous()
     ids = _host_ints(token_ids, name)
     _check_num_ids(len(ids), name)
     low, high = min(ids), max(ids)

@@ -7,12 +7,11 @@ import torch
 
 from zr_kernels import reference
 from zr_kernels._backend import FusedRoute, note, resolve_backend
-from zr_kernels._validation import check_choice, check_float_in, check_float_tensor
+from zr_kernels._validation import as_int, check_choice, check_float_in, check_float_tensor
 from zr_kernels.kernels.group_advantages import SCALES, group_advantages_fwd
 
 
 def _group_advantages(rewards: torch.Tensor, group_size: int, scale: str, unbiased: bool, eps: float) -> torch.Tensor:
-    note("group_advantages", "triton")
     return group_advantages_fwd(rewards, group_size, scale, unbiased, eps)
 
 
@@ -53,8 +52,7 @@ def group_advantages(rewards, group_size, scale="group", unbiased=True, eps=1e-6
     ``8·ceil(N / 4096)`` bytes of partials.
     """
     check_float_tensor("rewards", rewards, ndim=1)
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    group_size = as_int("group_size", group_size)
     if group_size < 1:
         raise ValueError(f"group_size must be positive, got {group_size}")
     if rewards.shape[0] % group_size:

@@ -24,12 +24,10 @@ _LAUNCHERS = {"triton": triton_launchers, "cuda": cuda_launchers}
 
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor], bias: Optional[torch.Tensor],
              values: torch.Tensor, temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    note("linear_score", backend)
     return _LAUNCHERS[backend].linear_score_fwd(hidden, weight, ids, bias, values, temperature)
 
 
 def _launch_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature, backend):
-    note("linear_score.backward", backend)
     return _LAUNCHERS[backend].linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values,
                                                         temperature)
 
@@ -137,7 +135,9 @@ def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=
 
     Args:
         hidden: ``[N, D]`` fp32/bf16/fp16, any strides (e.g. ``hidden_states[:, -1, :]``).
-        weight: ``[K, D]`` score head, or ``[V, D]`` LM head with ``token_ids``; same dtype as ``hidden``.
+        weight: ``[K, D]`` score head, or ``[V, D]`` LM head with ``token_ids``; same dtype as ``hidden``, except
+            under ``torch.autocast``, where hidden, the K score rows and bias are cast to the autocast dtype as
+            ``F.linear`` would cast them (fp32 master weights with bf16 activations).
         values: ``[K]`` score of each bin.
         token_ids: optional ``[K]`` unique rows of ``weight`` (the score tokens).
         bias: optional, ``[V]`` indexed by ``token_ids`` (LM-head mode) or ``[K]``; same dtype as ``hidden``.
@@ -154,13 +154,18 @@ def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=
     """
     check_float_tensor("hidden", hidden, ndim=2)
     check_float_tensor("weight", weight, ndim=2)
+    if bias is not None:
+        check_float_tensor("bias", bias, ndim=1)
+    if torch.is_autocast_enabled(hidden.device.type):
+        hidden, weight, token_ids, bias = _autocast(hidden, weight, token_ids, bias)
     n_rows, dim = hidden.shape
     if dim < 1:
         raise ValueError(f"hidden must be [N, D] with D >= 1, got shape {tuple(hidden.shape)}")
     if weight.shape[1] != dim:
         raise ValueError(f"weight must be [K or V, {dim}] (D of hidden), got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype} "
+                        "(under torch.autocast both are cast to the autocast dtype)")
     check_same_device("hidden", hidden, weight=weight)
     ids = None if token_ids is None else as_token_ids(token_ids, weight.shape[0], hidden.device).contiguous()
     num_bins = weight.shape[0] if ids is None else ids.numel()
@@ -185,8 +190,27 @@ def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=
     return ScoreDist(probs, mean, std, None)
 
 
+def _autocast(hidden, weight, token_ids, bias):
+    """The inputs as ``F.linear`` sees them under ``torch.autocast``: fp32/bf16/fp16 tensors cast to the autocast
+    dtype (fp64 left alone), so fp32 master weights meet 16-bit activations. In LM-head mode only the K score
+    rows (and bias entries) are gathered and cast, never the whole ``[V, D]`` head; the gradient still reaches
+    the head's rows through the gather. Statistics stay fp32."""
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+    if token_ids is not None:
+        check_same_device("hidden", hidden, weight=weight, bias=bias)
+        ids = as_token_ids(token_ids, weight.shape[0], weight.device)
+        if bias is not None and bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) (one per row of weight, indexed by "
+                             f"token_ids), got {tuple(bias.shape)}")
+        weight, bias, token_ids = weight[ids], None if bias is None else bias[ids], None
+
+    def cast(t):
+        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+    return cast(hidden), cast(weight), token_ids, cast(bias)
+
+
 def _check_bias(bias, hidden: torch.Tensor, length: int, lm_head: bool) -> None:
-    check_float_tensor("bias", bias, ndim=1)
     if bias.shape[0] != length:
         what = "one per row of weight, indexed by token_ids" if lm_head else "one per score row"
         raise ValueError(f"bias must have shape ({length},) ({what}), got {tuple(bias.shape)}")

@@ -15,12 +15,10 @@ from zr_kernels.kernels.pairwise_gap import MAX_GROUP_SIZE, gdso_rewards_fwd, pa
 
 def _forward(mu_w: torch.Tensor, mu_l: torch.Tensor, gap: torch.Tensor,
              score_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    note("pairwise_gap", "triton")
     return pairwise_gap_fwd(mu_w, mu_l, gap, score_range)
 
 
 def _launch_backward(grad_loss, mu_w, mu_l, gap, score_range):
-    note("pairwise_gap.backward", "triton")
     return pairwise_gap_bwd(grad_loss, mu_w, mu_l, gap, score_range)
 
 
@@ -74,7 +72,6 @@ _pairwise_gap_route = FusedRoute(_pairwise_gap_op, _forward, _setup_context, _ba
 
 def _gdso_rewards(mu_w: torch.Tensor, mu_l: torch.Tensor, s_w: torch.Tensor, s_l: torch.Tensor,
                   score_range: float, lambda_pt: float, lambda_pw: float) -> tuple[torch.Tensor, torch.Tensor]:
-    note("gdso_rewards", "triton")
     return gdso_rewards_fwd(mu_w, mu_l, s_w, s_l, score_range, lambda_pt, lambda_pw)
 
 

@@ -14,13 +14,11 @@ from zr_kernels.kernels.score_distribution import score_distribution_bwd, score_
 
 def _forward(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, target: Optional[torch.Tensor],
              temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    note("score_distribution", "triton")
     return score_distribution_fwd(logits, ids, values, target, temperature)
 
 
 def _launch_backward(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
                      temperature, vocab_size, dtype):
-    note("score_distribution.backward", "triton")
     return score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
                                   temperature, vocab_size, dtype)
 

@@ -18,12 +18,10 @@ NORMALIZATIONS = ("slice", "vocab")
 
 def _forward(student_logits: torch.Tensor, teacher_probs: torch.Tensor, ids: torch.Tensor, vocab_norm: bool,
              beta: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    note("slice_kl", "triton")
     return slice_kl_fwd(student_logits, teacher_probs, ids, vocab_norm, beta, temperature)
 
 
 def _launch_backward(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temperature):
-    note("slice_kl.backward", "triton")
     return slice_kl_bwd(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temperature)
 
 

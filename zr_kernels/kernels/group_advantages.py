@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zr_kernels._backend import launch_guard, note
 from zr_kernels.kernels._grid import cdiv, next_power_of_2
 
 SCALES = ("group", "batch", "none")
@@ -123,15 +124,17 @@ def group_advantages_fwd(rewards: torch.Tensor, group_size: int, scale: str, unb
     part_block = _TILE
     n_parts = cdiv(n, part_block)
     part_mean = part_m2 = out  # placeholders; only read when scale == "batch"
-    if scale == "batch":
-        part_mean, part_m2 = (torch.empty(n_parts, device=rewards.device, dtype=torch.float32) for _ in range(2))
-        _batch_moments_kernel[(n_parts,)](rewards, part_mean, part_m2, n, rewards.stride(0), BLOCK=part_block)
     block_groups, block_cols = _blocks(group_size)
-    _group_advantages_kernel[(cdiv(n_groups, block_groups),)](
-        rewards, part_mean, part_m2, out,
-        n, n_groups, group_size, rewards.stride(0), n_parts, eps, int(unbiased),
-        GROUP_STD=scale == "group", BATCH_STD=scale == "batch",
-        PART_BLOCK=part_block, BLOCK_P=min(next_power_of_2(n_parts), 1024),
-        BLOCK_GROUPS=block_groups, BLOCK_COLS=block_cols,
-    )
+    with launch_guard(rewards.device):
+        if scale == "batch":
+            part_mean, part_m2 = (torch.empty(n_parts, device=rewards.device, dtype=torch.float32) for _ in range(2))
+            _batch_moments_kernel[(n_parts,)](rewards, part_mean, part_m2, n, rewards.stride(0), BLOCK=part_block)
+        _group_advantages_kernel[(cdiv(n_groups, block_groups),)](
+            rewards, part_mean, part_m2, out,
+            n, n_groups, group_size, rewards.stride(0), n_parts, eps, int(unbiased),
+            GROUP_STD=scale == "group", BATCH_STD=scale == "batch",
+            PART_BLOCK=part_block, BLOCK_P=min(next_power_of_2(n_parts), 1024),
+            BLOCK_GROUPS=block_groups, BLOCK_COLS=block_cols,
+        )
+    note("group_advantages", "triton")
     return out

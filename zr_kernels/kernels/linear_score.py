@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from zr_kernels.kernels._grid import cdiv, next_power_of_2
-from zr_kernels._backend import interpreter_enabled
+from zr_kernels._backend import interpreter_enabled, launch_guard, note
 from zr_kernels._types import stats_dtype
 from zr_kernels._validation import cached_arange
+from zr_kernels.kernels._grid import cdiv, next_power_of_2
 from zr_kernels.kernels.score_distribution import score_distribution_bwd
 
 BLOCK_ROWS = 16  # tl.dot needs every tile side >= 16
@@ -194,13 +194,16 @@ def linear_score_fwd(hidden, weight, ids, bias, values, temperature: float):
     probs = torch.empty(n_rows, n_bins, **out)
     mean, std = torch.empty(n_rows, **out), torch.empty(n_rows, **out)
     if n_rows:
-        _linear_score_fwd_kernel[(cdiv(n_rows, BLOCK_ROWS),)](
-            hidden, weight, _ids_arg(ids, values), bias if bias is not None else values, values, probs, mean, std,
-            n_rows, dim, n_bins, weight.shape[0], hidden.stride(0), hidden.stride(1), weight.stride(0),
-            weight.stride(1), bias.stride(0) if bias is not None else 0, temperature,
-            HAS_IDS=ids is not None, HAS_BIAS=bias is not None, DOT_IN_INPUT_DTYPE=_dot_in_input_dtype(hidden.dtype),
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_BINS=_block_bins(n_bins), BLOCK_D=BLOCK_D,
-        )
+        with launch_guard(hidden.device):
+            _linear_score_fwd_kernel[(cdiv(n_rows, BLOCK_ROWS),)](
+                hidden, weight, _ids_arg(ids, values), bias if bias is not None else values, values, probs, mean,
+                std, n_rows, dim, n_bins, weight.shape[0], hidden.stride(0), hidden.stride(1), weight.stride(0),
+                weight.stride(1), bias.stride(0) if bias is not None else 0, temperature,
+                HAS_IDS=ids is not None, HAS_BIAS=bias is not None,
+                DOT_IN_INPUT_DTYPE=_dot_in_input_dtype(hidden.dtype),
+                BLOCK_ROWS=BLOCK_ROWS, BLOCK_BINS=_block_bins(n_bins), BLOCK_D=BLOCK_D,
+            )
+        note("linear_score", "triton")
     return probs, mean, std
 
 
@@ -209,7 +212,8 @@ def linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, 
     None when that output is unused, else any strides)."""
     n_bins = probs.shape[1]
     return score_distribution_bwd(grad_probs, grad_mean, grad_std, None, probs, mean, std, None,
-                                  cached_arange(n_bins, probs.device), values, temperature, n_bins, probs.dtype)
+                                  cached_arange(n_bins, probs.device), values, temperature, n_bins, probs.dtype,
+                                  op="linear_score.backward")
 
 
 def linear_score_grad_hidden(grad_logits, weight, ids, dim: int) -> torch.Tensor:
@@ -218,12 +222,14 @@ def linear_score_grad_hidden(grad_logits, weight, ids, dim: int) -> torch.Tensor
     grad_hidden = torch.empty(n_rows, dim, device=grad_logits.device, dtype=weight.dtype)
     if n_rows:
         grid = (cdiv(n_rows, BLOCK_ROWS), cdiv(dim, BLOCK_D))
-        _linear_score_grad_hidden_kernel[grid](
-            grad_logits, weight, _ids_arg(ids, grad_logits), grad_hidden,
-            n_rows, dim, n_bins, weight.shape[0], weight.stride(0), weight.stride(1),
-            HAS_IDS=ids is not None, DOT_IN_INPUT_DTYPE=_dot_in_input_dtype(weight.dtype),
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_BINS=_block_bins(n_bins), BLOCK_D=BLOCK_D,
-        )
+        with launch_guard(weight.device):
+            _linear_score_grad_hidden_kernel[grid](
+                grad_logits, weight, _ids_arg(ids, grad_logits), grad_hidden,
+                n_rows, dim, n_bins, weight.shape[0], weight.stride(0), weight.stride(1),
+                HAS_IDS=ids is not None, DOT_IN_INPUT_DTYPE=_dot_in_input_dtype(weight.dtype),
+                BLOCK_ROWS=BLOCK_ROWS, BLOCK_BINS=_block_bins(n_bins), BLOCK_D=BLOCK_D,
+            )
+        note("linear_score.grad_hidden", "triton")
     return grad_hidden
 
 
@@ -240,14 +246,16 @@ def linear_score_grad_weight(grad_logits, hidden, ids, num_weight_rows: int, wit
     partial_w = torch.empty(splits, n_bins, dim, device=hidden.device, dtype=grad_logits.dtype)
     partial_b = torch.empty(splits, n_bins, device=hidden.device, dtype=grad_logits.dtype)
     block_bins = _block_bins(n_bins)
-    _linear_score_weight_partials_kernel[(cdiv(dim, BLOCK_D), splits)](
-        grad_logits, hidden, partial_w, partial_b,
-        n_rows, dim, n_bins, hidden.stride(0), hidden.stride(1), ROWS_PER_SPLIT,
-        BLOCK_ROWS=BLOCK_ROWS, BLOCK_BINS=block_bins, BLOCK_D=BLOCK_D,
-    )
-    _linear_score_sum_partials_kernel[(cdiv(dim, BLOCK_D),)](
-        partial_w, partial_b, _ids_arg(ids, partial_b), grad_weight, grad_bias if with_bias else partial_b,
-        splits, dim, n_bins, num_weight_rows,
-        HAS_IDS=scattered, HAS_BIAS=with_bias, BLOCK_BINS=block_bins, BLOCK_D=BLOCK_D,
-    )
+    with launch_guard(hidden.device):
+        _linear_score_weight_partials_kernel[(cdiv(dim, BLOCK_D), splits)](
+            grad_logits, hidden, partial_w, partial_b,
+            n_rows, dim, n_bins, hidden.stride(0), hidden.stride(1), ROWS_PER_SPLIT,
+            BLOCK_ROWS=BLOCK_ROWS, BLOCK_BINS=block_bins, BLOCK_D=BLOCK_D,
+        )
+        _linear_score_sum_partials_kernel[(cdiv(dim, BLOCK_D),)](
+            partial_w, partial_b, _ids_arg(ids, partial_b), grad_weight, grad_bias if with_bias else partial_b,
+            splits, dim, n_bins, num_weight_rows,
+            HAS_IDS=scattered, HAS_BIAS=with_bias, BLOCK_BINS=block_bins, BLOCK_D=BLOCK_D,
+        )
+    note("linear_score.grad_weight", "triton")
     return grad_weight, grad_bias

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from zr_kernels._backend import note
+
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -39,6 +41,7 @@ def linear_score_fwd(hidden, weight, ids, bias, values, temperature: float):
         _ptr(bias), bias.stride(0) if bias is not None else 0, n_bins, values.data_ptr(), temperature,
         probs.data_ptr(), mean.data_ptr(), std.data_ptr(), *_launch(hidden),
     )
+    _note_if_launched("linear_score", n_rows)
     return probs, mean, std
 
 
@@ -51,6 +54,7 @@ def linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, 
         n_rows, n_bins, _ptr(grad_probs), _ptr(grad_mean), _ptr(grad_std), probs.data_ptr(),  # None: unused output
         mean.data_ptr(), std.data_ptr(), values.data_ptr(), temperature, grad_logits.data_ptr(), *_launch(probs),
     )
+    _note_if_launched("linear_score.backward", n_rows)
     return grad_logits
 
 
@@ -61,6 +65,7 @@ def linear_score_grad_hidden(grad_logits, weight, ids, dim: int) -> torch.Tensor
         _DTYPE_CODES[weight.dtype], grad_logits.data_ptr(), n_rows, dim, weight.data_ptr(), weight.shape[0],
         weight.stride(0), weight.stride(1), _ptr(ids), n_bins, grad_hidden.data_ptr(), *_launch(weight),
     )
+    _note_if_launched("linear_score.grad_hidden", n_rows)
     return grad_hidden
 
 
@@ -80,4 +85,10 @@ def linear_score_grad_weight(grad_logits, hidden, ids, num_weight_rows: int, wit
         hidden.stride(1), num_weight_rows, _ptr(ids), n_bins, workspace.data_ptr(), splits,
         grad_weight.data_ptr(), grad_bias.data_ptr() if with_bias else 0, device, stream,
     )
+    note("linear_score.grad_weight", "cuda")  # launched even for N = 0: it writes the zero gradient
     return grad_weight, grad_bias
+
+
+def _note_if_launched(op: str, n_rows: int) -> None:
+    if n_rows:  # the extension launches nothing for zero rows
+        note(op, "cuda")

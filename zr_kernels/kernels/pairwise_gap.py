@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from zr_kernels.kernels._grid import cdiv, next_power_of_2
+from zr_kernels._backend import launch_guard, note
 from zr_kernels._types import stats_dtype
+from zr_kernels.kernels._grid import cdiv, next_power_of_2
 
 MAX_GROUP_SIZE = 4096
 _TILE = 4096
@@ -121,12 +122,14 @@ def _launch_fwd(mu_w, mu_l, gap, s_w, s_l, inv_range, lambda_pt, lambda_pw, gdso
         block_p, block_g, block_k = _blocks(group_size)
         # The inputs of the disabled branch are never read: any tensor stands in for their pointers.
         gap, s_w, s_l = (mu_w if t is None else t for t in (gap, s_w, s_l))
-        _pairwise_gap_fwd_kernel[(cdiv(n_pairs, block_p),)](
-            mu_w, mu_l, gap, s_w, s_l, loss, reward_w, reward_l,
-            n_pairs, group_size, mu_w.stride(0), mu_w.stride(1), mu_l.stride(0), mu_l.stride(1),
-            gap.stride(0), s_w.stride(0), s_l.stride(0), inv_range, lambda_pt, lambda_pw,
-            GDSO=gdso, BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_K=block_k,
-        )
+        with launch_guard(mu_w.device):
+            _pairwise_gap_fwd_kernel[(cdiv(n_pairs, block_p),)](
+                mu_w, mu_l, gap, s_w, s_l, loss, reward_w, reward_l,
+                n_pairs, group_size, mu_w.stride(0), mu_w.stride(1), mu_l.stride(0), mu_l.stride(1),
+                gap.stride(0), s_w.stride(0), s_l.stride(0), inv_range, lambda_pt, lambda_pw,
+                GDSO=gdso, BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_K=block_k,
+            )
+        note("gdso_rewards" if gdso else "pairwise_gap", "triton")
     return loss, reward_w, reward_l
 
 
@@ -151,9 +154,11 @@ def pairwise_gap_bwd(grad_loss: torch.Tensor, mu_w: torch.Tensor, mu_l: torch.Te
     grad_l = torch.empty(n_pairs, group_size, device=mu_l.device, dtype=mu_l.dtype)
     if n_pairs:
         block_p, block_g, block_k = _blocks(group_size)
-        _pairwise_gap_bwd_kernel[(cdiv(n_pairs, block_p),)](
-            grad_loss, mu_w, mu_l, gap, grad_w, grad_l,
-            n_pairs, group_size, mu_w.stride(0), mu_w.stride(1), mu_l.stride(0), mu_l.stride(1), gap.stride(0),
-            grad_loss.stride(0), 1.0 / score_range, BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_K=block_k,
-        )
+        with launch_guard(mu_w.device):
+            _pairwise_gap_bwd_kernel[(cdiv(n_pairs, block_p),)](
+                grad_loss, mu_w, mu_l, gap, grad_w, grad_l,
+                n_pairs, group_size, mu_w.stride(0), mu_w.stride(1), mu_l.stride(0), mu_l.stride(1), gap.stride(0),
+                grad_loss.stride(0), 1.0 / score_range, BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_K=block_k,
+            )
+        note("pairwise_gap.backward", "triton")
     return grad_w, grad_l

@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from zr_kernels.kernels._grid import cdiv, next_power_of_2
+from zr_kernels._backend import launch_guard, note
 from zr_kernels._types import stats_dtype
+from zr_kernels.kernels._grid import cdiv, next_power_of_2
 
 
 def _blocks(num_bins: int) -> tuple[int, int]:
@@ -123,33 +124,39 @@ def score_distribution_fwd(logits: torch.Tensor, ids: torch.Tensor, values: torc
     nll = torch.empty(n_rows if target is not None else 0, **out)
     if n_rows:
         block_rows, block_bins = _blocks(n_bins)
-        _score_distribution_fwd_kernel[(cdiv(n_rows, block_rows),)](
-            logits, ids, values, target if target is not None else ids,
-            probs, mean, std, nll,
-            n_rows, n_bins, logits.stride(0), logits.stride(1),
-            target.stride(0) if target is not None else 0, temperature,
-            HAS_TARGET=target is not None, BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
-        )
+        with launch_guard(logits.device):
+            _score_distribution_fwd_kernel[(cdiv(n_rows, block_rows),)](
+                logits, ids, values, target if target is not None else ids,
+                probs, mean, std, nll,
+                n_rows, n_bins, logits.stride(0), logits.stride(1),
+                target.stride(0) if target is not None else 0, temperature,
+                HAS_TARGET=target is not None, BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
+            )
+        note("score_distribution", "triton")
     return probs, mean, std, nll
 
 
 def score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
-                           temperature: float, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
+                           temperature: float, vocab_size: int, dtype: torch.dtype,
+                           op: str = "score_distribution.backward") -> torch.Tensor:
     """Launch the backward. Each upstream gradient is None (that output is unused) or a tensor in the statistics
-    dtype with any strides. Returns ``[M, V]`` in ``dtype``, zero off the K score columns."""
+    dtype with any strides. Returns ``[M, V]`` in ``dtype``, zero off the K score columns. ``op`` names the
+    launch in ``trace_backends()`` (linear_score's backward launches this kernel too)."""
     n_rows, n_bins = probs.shape
     grad_logits = torch.zeros(n_rows, vocab_size, device=probs.device, dtype=dtype)
     if n_rows:
         block_rows, block_bins = _blocks(n_bins)
         upstream = (grad_probs, grad_mean, grad_std, grad_nll)
-        _score_distribution_bwd_kernel[(cdiv(n_rows, block_rows),)](
-            *(probs if g is None else g for g in upstream),
-            probs, mean, std, target if target is not None else ids, ids, values, grad_logits,
-            n_rows, n_bins, vocab_size, target.stride(0) if target is not None else 0,
-            *(grad_probs.stride() if grad_probs is not None else (0, 0)),
-            *(g.stride(0) if g is not None else 0 for g in upstream[1:]), temperature,
-            HAS_TARGET=target is not None, GRAD_PROBS=grad_probs is not None, GRAD_MEAN=grad_mean is not None,
-            GRAD_STD=grad_std is not None, GRAD_NLL=grad_nll is not None,
-            BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
-        )
+        with launch_guard(probs.device):
+            _score_distribution_bwd_kernel[(cdiv(n_rows, block_rows),)](
+                *(probs if g is None else g for g in upstream),
+                probs, mean, std, target if target is not None else ids, ids, values, grad_logits,
+                n_rows, n_bins, vocab_size, target.stride(0) if target is not None else 0,
+                *(grad_probs.stride() if grad_probs is not None else (0, 0)),
+                *(g.stride(0) if g is not None else 0 for g in upstream[1:]), temperature,
+                HAS_TARGET=target is not None, GRAD_PROBS=grad_probs is not None, GRAD_MEAN=grad_mean is not None,
+                GRAD_STD=grad_std is not None, GRAD_NLL=grad_nll is not None,
+                BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
+            )
+        note(op, "triton")
     return grad_logits

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zr_kernels._backend import launch_guard, note
 from zr_kernels.kernels._grid import cdiv, next_power_of_2
 from zr_kernels.kernels.score_distribution import _blocks
 
@@ -193,16 +194,18 @@ def slice_kl_fwd(logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor,
     (n_rows, vocab_size), n_bins = logits.shape, ids.numel()
     loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(loss)
+    if not n_rows:
+        return loss, lse
     part_max = part_sum = loss  # placeholders in slice mode, never read
     n_splits = 0
-    if n_rows and vocab_norm:
-        block_rows_v, block_v, n_splits, split_size = _vocab_blocks(n_rows, vocab_size)
-        part_max, part_sum = torch.empty(2, n_splits, n_rows, device=logits.device, dtype=torch.float32)
-        _vocab_lse_kernel[(cdiv(n_rows, block_rows_v), n_splits)](
-            logits, part_max, part_sum, n_rows, vocab_size, split_size, logits.stride(0), logits.stride(1),
-            temperature, BLOCK_ROWS=block_rows_v, BLOCK_V=block_v,
-        )
-    if n_rows:
+    with launch_guard(logits.device):
+        if vocab_norm:
+            block_rows_v, block_v, n_splits, split_size = _vocab_blocks(n_rows, vocab_size)
+            part_max, part_sum = torch.empty(2, n_splits, n_rows, device=logits.device, dtype=torch.float32)
+            _vocab_lse_kernel[(cdiv(n_rows, block_rows_v), n_splits)](
+                logits, part_max, part_sum, n_rows, vocab_size, split_size, logits.stride(0), logits.stride(1),
+                temperature, BLOCK_ROWS=block_rows_v, BLOCK_V=block_v,
+            )
         block_rows, block_bins = _blocks(n_bins)
         _slice_kl_fwd_kernel[(cdiv(n_rows, block_rows),)](
             logits, teacher, ids, part_max, part_sum, lse, loss,
@@ -210,6 +213,7 @@ def slice_kl_fwd(logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor,
             beta, temperature, MODE=divergence_mode(beta), VOCAB=vocab_norm, BLOCK_ROWS=block_rows,
             BLOCK_BINS=block_bins,
         )
+    note("slice_kl", "triton")
     return loss, lse
 
 
@@ -220,9 +224,11 @@ def slice_kl_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, teacher: torch.T
     (n_rows, vocab_size), n_bins = logits.shape, ids.numel()
     make = torch.empty if vocab_norm else torch.zeros  # vocab mode writes every column
     grad_logits = make(n_rows, vocab_size, device=logits.device, dtype=logits.dtype)
-    if n_rows:
-        strides = (logits.stride(0), logits.stride(1), teacher.stride(0), teacher.stride(1), grad_loss.stride(0))
-        block_rows, block_bins = _blocks(n_bins)
+    if not n_rows:
+        return grad_logits
+    strides = (logits.stride(0), logits.stride(1), teacher.stride(0), teacher.stride(1), grad_loss.stride(0))
+    block_rows, block_bins = _blocks(n_bins)
+    with launch_guard(logits.device):
         if vocab_norm:
             block_rows_v, block_v, n_splits, split_size = _vocab_blocks(n_rows, vocab_size)
             _vocab_grad_kernel[(cdiv(n_rows, block_rows_v), n_splits)](
@@ -234,4 +240,5 @@ def slice_kl_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, teacher: torch.T
             grad_loss, logits, teacher, ids, lse, grad_logits, n_rows, n_bins, vocab_size, *strides, beta,
             temperature, MODE=divergence_mode(beta), BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
         )
+    note("slice_kl.backward", "triton")
     return grad_logits
