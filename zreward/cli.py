@@ -10,7 +10,7 @@ import importlib
 import sys
 
 SUBCOMMAND_MODULES = ("zreward.evaluate", "zreward.demo", "zreward.ablate", "zreward.refl", "zreward.deploy.score",
-                      "zreward.deploy.rank")
+                      "zreward.deploy.rank", "zreward.deploy.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
