@@ -16,6 +16,7 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+SERVE = ["fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27"]
 
 
 def find_nvcc():
@@ -122,7 +123,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "trl>=0.20"],
+        "dev": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "trl>=0.20", *SERVE],
+        # `zreward serve` and the RewardClient of zreward.deploy.adapters.
+        "serve": SERVE,
         # Triton kernels for Qwen3.5's gated delta rule (zreward.gated_delta). CUDA machines only: once installed,
         # transformers' own Qwen3.5 forward uses them too, and they do not run on CPU tensors.
         "fla": ["fla-core>=0.6"],
