@@ -40,6 +40,11 @@ class Job:
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
+    def __post_init__(self):
+        if not self.images or len(self.images) != len(self.prompts):
+            raise ValueError(f"a job needs one prompt per image: got {len(self.prompts)} prompts for "
+                             f"{len(self.images)} images")
+
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
