@@ -162,7 +162,7 @@ def test_linear_score_backward_records_each_kernel():
 
 # ---- mixed precision ----
 
-@pytest.mark.parametrize("chosen", ["triton", "reference"])
+@pytest.mark.parametrize("chosen", ["triton", "reference", pytest.param("cuda", marks=gpu_only)])
 @pytest.mark.parametrize("lm_head", [False, True], ids=["head", "lm_head"])
 def test_linear_score_under_autocast_with_fp32_weights(chosen, lm_head):
     torch.manual_seed(5)

@@ -170,11 +170,12 @@ def _linear_score_sum_partials_kernel(
     w_rows, w_ok = _score_rows(ids_ptr, bins, n_bins, n_weight_rows, HAS_IDS)
     acc = tl.zeros((BLOCK_BINS, BLOCK_D), dtype=acc_type)
     acc_b = tl.zeros((BLOCK_BINS,), dtype=acc_type)
+    base = tl.zeros((), dtype=tl.int64)  # splits · K · D passes 2^31 at tens of millions of rows
     for split in range(0, n_splits):  # fixed order: the same bits every run
-        base = split * n_bins * dim
         acc += tl.load(partial_w_ptr + base + bins[:, None] * dim + cols[None, :],
                        mask=bin_ok[:, None] & col_ok[None, :], other=0.0)
         acc_b += tl.load(partial_b_ptr + split * n_bins + bins, mask=bin_ok, other=0.0)
+        base += n_bins * dim
     tl.store(grad_weight_ptr + w_rows[:, None] * dim + cols[None, :],
              acc.to(grad_weight_ptr.dtype.element_ty), mask=w_ok[:, None] & col_ok[None, :])
     if HAS_BIAS:
