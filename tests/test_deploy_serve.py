@@ -250,6 +250,8 @@ def test_command_refuses_an_open_address_without_a_token(model_dir, monkeypatch)
         main(["serve", "--model", str(model_dir), "--host", "0.0.0.0"])
     with pytest.raises(SystemExit, match="engine 'vllm' is not available yet"):
         main(["serve", "--model", str(model_dir), "--engine", "vllm"])
+    with pytest.raises(SystemExit, match="--threads must be positive"):
+        main(["serve", "--model", str(model_dir), "--threads", "0"])
 
 
 def test_batcher_skips_cancelled_jobs_and_survives_a_failing_forward(scorer):

@@ -193,7 +193,7 @@ def run(args) -> int:
         scoring = Scoring(tuple(args.dimension or DIMENSIONS), args.aggregation, args.weights)
         if args.top_k is not None and args.top_k < 1:
             raise ValueError(f"--top-k must be positive, got {args.top_k}")
-        scorer = open_scorer(args.model, args.engine, args.device, args.dtype, args.attn_implementation)
+        scorer = scorer_from_args(args)
         counts = score_file(scorer, args.input, args.output, scoring, batch_size=args.batch_size,
                             resume=args.resume, on_error=args.on_error, prompts_file=args.prompts,
                             progress=not args.quiet)
@@ -227,12 +227,23 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def scorer_from_args(args):
+    """The scorer of the options ``add_scoring_arguments`` adds (``--threads`` set first)."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return open_scorer(args.model, args.engine, args.device, args.dtype, args.attn_implementation)
+
+
 def add_scoring_arguments(parser) -> None:
     """The model-loading and scoring options ``zreward score`` and ``zreward serve`` share."""
     parser.add_argument("--engine", choices=ENGINES, default="hf", help="inference engine (vllm: not yet available)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--attn-implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice). On a CPU "
+                                                    "shared with other work, 1 avoids threads waiting on each other")
     parser.add_argument("--dimension", action="append", help="score only this dimension (repeatable; default all)")
     parser.add_argument("--aggregation", default="weighted_mean",
                         help="how 'reward' combines the dimensions: weighted_mean (default), min, soft_min")

@@ -16,8 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-from zreward.deploy.engine import Scoring, open_scorer
-from zreward.deploy.score import add_scoring_arguments
+from zreward.deploy.engine import Scoring
+from zreward.deploy.score import add_scoring_arguments, scorer_from_args
 from zreward.rubric import DIMENSIONS
 
 TOKEN_ENV = "ZREWARD_SERVE_TOKEN"
@@ -111,7 +111,7 @@ def run(args) -> int:
             max_request_images=args.max_request_images, max_request_bytes=int(args.max_request_mb * 2**20),
             max_image_pixels=args.max_image_pixels,
             scoring=Scoring(tuple(args.dimension or DIMENSIONS), args.aggregation, args.weights))
-        scorer = open_scorer(args.model, args.engine, args.device, args.dtype, args.attn_implementation)
+        scorer = scorer_from_args(args)
         app = create_app(scorer, settings, token)
         sock = bind(args.host, args.port)
     except (OSError, ValueError) as error:

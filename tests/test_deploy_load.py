@@ -1,0 +1,27 @@
+"""The load and fault test's pieces (``benchmarks.serve_load``) against an in-process service, briefly."""
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="zreward serve needs the [serve] extra (fastapi, uvicorn, httpx)")
+
+from benchmarks.serve_load import closed_loop, encode_bodies, fault_checks, read_metrics, summarize  # noqa: E402
+from zreward.demo import STUDENT_CONFIG, build_scorer  # noqa: E402
+from zreward.deploy.serve import BackgroundServer  # noqa: E402
+from zreward.deploy.service import ServeSettings, create_app  # noqa: E402
+
+
+def test_load_and_faults_lose_no_request():
+    scorer = build_scorer(2, STUDENT_CONFIG, torch.device("cpu"))
+    settings = ServeSettings(max_batch=8, max_wait_ms=5, max_queue_images=16, max_request_images=4,
+                             max_request_bytes=2**20)
+    with BackgroundServer(create_app(scorer, settings)) as server:
+        bodies = encode_bodies(4, 1, 32)
+        before = read_metrics(server.url)
+        run = closed_loop(server.url, bodies, clients=3, seconds=1.5)
+        row = summarize("micro-batching", run, 1, before, read_metrics(server.url))
+        assert row["lost"] == 0 and set(row["codes"]) == {200} and row["ok"] > 0
+        assert row["images_per_s"] > 0 and row["p50_ms"] <= row["p99_ms"] and row["mean_batch"] >= 1
+        checks = fault_checks(server.url, bodies[0], max_request_mb=1.0)
+        assert [what for what, _, _ in checks][:3] == ["malformed JSON", "body above --max-request-mb",
+                                                        "unknown field"]
+        assert all(ok for _, _, ok in checks), checks
