@@ -166,7 +166,7 @@ def test_backward_custom_ops_accept_absent_gradients():
     args = (None, grad_mean, None, None, probs, mean, std, None, ids, values, 1.0, 20, torch.float32)
     torch.library.opcheck(torch.ops.zr_kernels.score_distribution_backward.default, args)
     bwd = torch.ops.zr_kernels.linear_score_grad_logits.default
-    torch.library.opcheck(bwd, (None, grad_mean, None, probs, mean, std, values, 1.0, "triton"))
+    torch.library.opcheck(bwd, (None, grad_mean, None, None, probs, mean, std, None, values, 1.0, "triton"))
 
 
 _GRAPH_STEPS = {  # fwd of each op on a [5, 40] leaf x, reduced to a scalar loss

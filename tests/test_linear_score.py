@@ -54,40 +54,45 @@ def _case(rows, dim, vocab, num_bins, dtype, *, lm_head, bias=True, seed=0):
     return hidden, weight, ids, b, values
 
 
-def _run(fn, hidden, weight, ids, bias, values, temperature, upstream):
-    """Outputs, then the gradients of hidden, weight (and bias) for a random upstream gradient."""
+def _run(fn, hidden, weight, ids, bias, values, temperature, upstream, target=None):
+    """Outputs (nll too with a target), then the gradients of hidden, weight (and bias) for a random upstream
+    gradient of each output."""
     leaves = [t.detach().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
-    out = fn(leaves[0], leaves[1], values, ids, leaves[2] if bias is not None else None, temperature)
-    assert out.nll is None
-    loss = sum((o * u.to(o.dtype)).sum() for o, u in zip(out[:3], upstream))
-    return list(out[:3]) + list(torch.autograd.grad(loss, leaves))
+    out = fn(leaves[0], leaves[1], values, ids, leaves[2] if bias is not None else None, temperature, target)
+    assert (out.nll is None) == (target is None)
+    outputs = list(out[:3]) + ([out.nll] if target is not None else [])
+    loss = sum((o * u.to(o.dtype)).sum() for o, u in zip(outputs, upstream))
+    return outputs + list(torch.autograd.grad(loss, leaves))
 
 
 # Every kernel of a forward + backward with gradients for hidden, weight and bias, in launch order.
 BACKWARD_TRACE = ("linear_score", "linear_score.backward", "linear_score.grad_hidden", "linear_score.grad_weight")
 
 
-def _check_against_reference(backend, rows, dim, vocab, num_bins, dtype, lm_head, bias=True):
+def _check_against_reference(backend, rows, dim, vocab, num_bins, dtype, lm_head, bias=True, with_target=False):
     hidden, weight, ids, b, values = _case(rows, dim, vocab, num_bins, dtype, lm_head=lm_head, bias=bias)
     upstream = [torch.randn(rows, num_bins, device=DEVICE), torch.randn(rows, device=DEVICE),
-                torch.randn(rows, device=DEVICE)]
+                torch.randn(rows, device=DEVICE), torch.randn(rows, device=DEVICE)]
+    target = torch.randint(0, num_bins, (rows,), device=DEVICE) if with_target else None
     fused = lambda *a: linear_score(*a, backend=backend)  # noqa: E731
     with trace_backends() as ran:
-        kernel = _run(fused, hidden, weight, ids, b, values, 0.7, upstream)
+        kernel = _run(fused, hidden, weight, ids, b, values, 0.7, upstream, target)
     assert ran == [(op, backend) for op in BACKWARD_TRACE]
-    eager = _run(reference.linear_score, hidden, weight, ids, b, values, 0.7, upstream)
+    eager = _run(reference.linear_score, hidden, weight, ids, b, values, 0.7, upstream, target)
     as64 = lambda t: t.double() if t is not None else None  # noqa: E731
-    ref = _run(reference.linear_score, as64(hidden), as64(weight), ids, as64(b), values, 0.7, upstream)
-    names = ("probs", "mean", "std", "grad_hidden", "grad_weight", "grad_bias")
-    for name, k, e, r in zip(names, kernel, eager, ref):
-        assert_three_way(name, k, e, r, ATOL[dtype] * (1 if name in names[:3] else 10))
-    assert kernel[3].dtype == kernel[4].dtype == dtype
+    ref = _run(reference.linear_score, as64(hidden), as64(weight), ids, as64(b), values, 0.7, upstream, target)
+    names = ("probs", "mean", "std") + (("nll",) if with_target else ()) + ("grad_hidden", "grad_weight", "grad_bias")
+    outputs = 4 if with_target else 3
+    for i, (name, k, e, r) in enumerate(zip(names, kernel, eager, ref)):
+        assert_three_way(name, k, e, r, ATOL[dtype] * (1 if i < outputs else 10))
+    grad_weight = kernel[outputs + 1]
+    assert kernel[outputs].dtype == grad_weight.dtype == dtype
     if lm_head:
         off_rows = torch.ones(vocab, dtype=torch.bool, device=DEVICE)
         off_rows[ids] = False
-        assert torch.all(kernel[4][off_rows] == 0)
+        assert torch.all(grad_weight[off_rows] == 0)
         if bias:
-            assert torch.all(kernel[5][off_rows] == 0)
+            assert torch.all(kernel[outputs + 2][off_rows] == 0)
 
 
 SHAPES = [(1, 4095, 9, 9, False), (7, 64, 50, 5, True), (111, 33, 300, 17, True)]
@@ -97,6 +102,20 @@ SHAPES = [(1, 4095, 9, 9, False), (7, 64, 50, 5, True), (111, 33, 300, 17, True)
 @pytest.mark.parametrize("rows,dim,vocab,num_bins,lm_head", SHAPES)
 def test_triton_matches_reference_three_way(dtype, rows, dim, vocab, num_bins, lm_head):
     _check_against_reference("triton", rows, dim, vocab, num_bins, dtype, lm_head)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,dim,vocab,num_bins,lm_head", SHAPES)
+def test_triton_nll_matches_reference_three_way(dtype, rows, dim, vocab, num_bins, lm_head):
+    _check_against_reference("triton", rows, dim, vocab, num_bins, dtype, lm_head, with_target=True)
+
+
+def test_nll_is_exact_where_the_probability_underflows():
+    # A 200-nat logit gap: p[target] underflows to 0 in fp32, so -log(p) would be inf; the log-sum-exp is exact.
+    hidden = torch.tensor([[1.0, 0.0]], device=DEVICE)
+    weight = torch.tensor([[200.0, 0.0], [0.0, 0.0]], device=DEVICE)
+    out = linear_score(hidden, weight, [1.0, 2.0], target=torch.tensor([1], device=DEVICE), backend="triton")
+    assert out.probs[0, 1] == 0 and torch.allclose(out.nll, torch.tensor([200.0], device=DEVICE))
 
 
 def test_triton_without_bias_and_several_weight_splits():
@@ -135,9 +154,11 @@ def test_gradcheck_fp64():
     bias = torch.randn(7, dtype=torch.float64, device=DEVICE, requires_grad=True)
     ids = torch.tensor([5, 0, 3], device=DEVICE)
 
+    target = torch.tensor([2, 0, 1], device=DEVICE)
+
     def fn(h, w, b):
-        out = linear_score(h, w, [1.0, 2.5, 5.0], ids, b, 1.3, backend="triton")
-        return out.probs, out.mean, out.std
+        out = linear_score(h, w, [1.0, 2.5, 5.0], ids, b, 1.3, target, backend="triton")
+        return out.probs, out.mean, out.std, out.nll
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias), atol=1e-6, rtol=1e-5)
 
@@ -150,8 +171,11 @@ def test_opcheck(backend):
     ids = torch.tensor([3, 7, 11, 29], device=DEVICE)
     values = torch.tensor([1.0, 2.0, 3.0, 4.0], device=DEVICE)
     op = torch.ops.zr_kernels.linear_score.default
-    torch.library.opcheck(op, (hidden, weight, ids, bias, values, 1.0, backend))
-    torch.library.opcheck(op, (hidden, weight[:4], None, None, values, 0.5, backend))
+    torch.library.opcheck(op, (hidden, weight, ids, bias, values, None, 1.0, backend))
+    torch.library.opcheck(op, (hidden, weight[:4], None, None, values, None, 0.5, backend))
+    if backend == "triton":  # the CUDA extension takes no target
+        target = torch.tensor([0, 3, 1, 2, 2], device=DEVICE)
+        torch.library.opcheck(op, (hidden, weight, ids, bias, values, target, 1.0, backend))
 
 
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=gpu_only)])
@@ -171,6 +195,22 @@ def test_score_head_from_lm_head_under_compile(backend):
     ref = reference.linear_score(hidden, lm_head.weight, head.values, ids, lm_head.bias)
     torch.testing.assert_close(out.probs, ref.probs)
     assert x.grad is not None and head.weight.grad.shape == (4, 24) and head.bias.grad.shape == (4,)
+
+
+def test_score_head_nll_under_compile():
+    torch.manual_seed(5)
+    head = ScoreHead(24, [1.0, 2.0, 3.0, 4.0], bias=True, device=DEVICE)
+    hidden = strided_rows(6, 24, torch.float32)
+    target = torch.tensor([0, 3, 1, 2, 2, 1], device=DEVICE)
+    compiled = torch.compile(lambda x, t: head(x, t, backend="triton").nll.mean(), fullgraph=True)
+    x = hidden.clone().requires_grad_()
+    with trace_backends() as ran:
+        compiled(x, target).backward()
+    assert ran == [(op, "triton") for op in BACKWARD_TRACE]
+    y = hidden.clone().requires_grad_()
+    ref = reference.linear_score(y, head.weight.detach(), head.values, None, head.bias.detach(), 1.0, target)
+    ref.nll.mean().backward()
+    torch.testing.assert_close(x.grad, y.grad)
 
 
 def test_score_head_init_and_plain_call():
@@ -229,6 +269,11 @@ BAD_INPUTS = [
     (dict(hidden=torch.randn(4, 8, dtype=torch.float64), weight=torch.randn(10, 8, dtype=torch.float64),
           backend="cuda"), TypeError, "float64"),
     (dict(backend="fast"), ValueError, "backend"),
+    (dict(target=torch.tensor([0, 1, 2])), ValueError, "target"),
+    (dict(target=torch.tensor([0, 1, 2, 3])), ValueError, "target"),
+    (dict(target=torch.tensor([0.0, 1.0, 2.0, 0.0])), TypeError, "target"),
+    (dict(target=[0, 1, 2, 0]), TypeError, "target"),
+    (dict(target=torch.tensor([0, 1, 2, 0]), backend="cuda"), ValueError, "target"),
 ]
 
 

@@ -8,7 +8,6 @@ import torch
 import zr_kernels
 from zr_kernels import SliceKLLoss, reference, slice_kl
 from zr_kernels.kernels import slice_kl as slice_kl_kernels
-from zr_kernels.slice_kl import _slice_kl_backward_op, _slice_kl_op
 from tests.helpers import ATOL, DEVICE, DTYPES, assert_three_way, strided_rows
 
 RAN = [("slice_kl", "triton"), ("slice_kl.backward", "triton")]
@@ -191,10 +190,10 @@ def test_gradcheck_fp64(normalize, beta):
 def test_opcheck(normalize, beta):
     logits, teacher, ids = _inputs(5, 3, 40, torch.float32)
     args = (logits, teacher, ids, normalize == "vocab", beta, 0.9)
-    torch.library.opcheck(_slice_kl_op, args)
+    torch.library.opcheck(torch.ops.zr_kernels.slice_kl.default, args)
     with torch.no_grad():
-        _, lse = _slice_kl_op(*args)
-    torch.library.opcheck(_slice_kl_backward_op,
+        _, lse = torch.ops.zr_kernels.slice_kl.default(*args)
+    torch.library.opcheck(torch.ops.zr_kernels.slice_kl_backward.default,
                           (torch.randn(5, device=DEVICE), logits.detach(), teacher, ids, lse) + args[3:])
 
 

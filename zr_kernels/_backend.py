@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -91,6 +93,37 @@ class FusedRoute:
         if needs_grad and self.function is not None and torch.is_grad_enabled():
             return self.function.apply(*args)
         return self.forward(*args)
+
+
+class Kernel(NamedTuple):
+    """A backward launcher (annotated, so ``torch.library`` can infer its schema) and its fake implementation."""
+
+    launch: Callable
+    fake: Callable
+
+
+def fused_op(name: str, forward: Callable, fake: Callable, setup_context: Callable | None = None,
+             backward: Callable | None = None, backward_kernels: dict[str, Kernel] | None = None) -> FusedRoute:
+    """Register a fused op once, for eager mode and for ``torch.compile``, and return its :class:`FusedRoute`.
+
+    ``forward`` (annotated) launches the forward kernels; it becomes the custom op ``zr_kernels::<name>`` with
+    ``fake`` as its fake implementation. With a ``backward``, each ``backward_kernels[key]`` becomes the custom op
+    ``zr_kernels::<name>_<key>`` (with its fake), and ``backward(ctx, kernels, *grads)`` is the one backward
+    formula: ``kernels.<key>`` is the custom op when a compiled graph runs it and the launcher itself in eager
+    mode, where the route's ``autograd.Function`` calls it with no custom-op dispatch.
+    """
+    op = torch.library.custom_op(f"zr_kernels::{name}", forward, mutates_args=())
+    op.register_fake(fake)
+    if backward is None:
+        return FusedRoute(op, forward)
+    compiled, eager = {}, {}
+    for key, kernel in (backward_kernels or {}).items():
+        kernel_op = torch.library.custom_op(f"zr_kernels::{name}_{key}", kernel.launch, mutates_args=())
+        kernel_op.register_fake(kernel.fake)
+        compiled[key], eager[key] = kernel_op, kernel.launch
+    compiled, eager = SimpleNamespace(**compiled), SimpleNamespace(**eager)
+    op.register_autograd(lambda ctx, *grads: backward(ctx, compiled, *grads), setup_context=setup_context)
+    return FusedRoute(op, forward, setup_context, lambda ctx, *grads: backward(ctx, eager, *grads))
 
 
 def _eager_function(op, forward, setup_context, backward) -> type[torch.autograd.Function]:

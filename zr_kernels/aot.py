@@ -190,18 +190,22 @@ def _linear_score_cases(dtype, quick):
         ids = _ids(k) if lm_head else None
         bias = _empty(rows, dtype=dtype) if with_bias else None
         name = f"linear_score K={k} lm_head={lm_head} bias={with_bias}"
-        yield name, lambda: launchers.linear_score_fwd(hidden, weight, ids, bias, _empty(k), 1.0)
+        for target in (None, _ids(ROWS)):
+            yield f"{name} target={target is not None}", lambda target=target: launchers.linear_score_fwd(
+                hidden, weight, ids, bias, _empty(k), target, 1.0)
         grad_logits = _empty(ROWS, k)
         yield name + " grad_hidden", lambda: launchers.linear_score_grad_hidden(grad_logits, weight, ids, DIM)
         yield name + " grad_weight", lambda: launchers.linear_score_grad_weight(grad_logits, hidden, ids, rows,
                                                                                 with_bias)
-    for k in (BINS, MAX_SCORE_ROWS):
-        stats = (_empty(ROWS, k), _empty(ROWS), _empty(ROWS))
-        for wanted in _grad_subsets(("probs", "mean", "std"), quick):
+    for k, with_target in itertools.product((BINS, MAX_SCORE_ROWS), (False, True)):
+        stats, target = (_empty(ROWS, k), _empty(ROWS), _empty(ROWS)), _ids(ROWS) if with_target else None
+        outputs = ("probs", "mean", "std") + (("nll",) if with_target else ())
+        for wanted in _grad_subsets(outputs, quick):
             grads = [(_empty(ROWS, k) if name == "probs" else _empty(ROWS)) if name in wanted else None
-                     for name in ("probs", "mean", "std")]
+                     for name in ("probs", "mean", "std", "nll")]
             yield (f"linear_score.backward K={k} grads={'+'.join(wanted)}",
-                   lambda grads=grads, stats=stats: launchers.linear_score_grad_logits(*grads, *stats, _empty(k), 1.0))
+                   lambda grads=grads, stats=stats, target=target: launchers.linear_score_grad_logits(
+                       *grads, *stats, target, _empty(k), 1.0))
 
 
 CASES = {

@@ -6,7 +6,7 @@ import math
 import torch
 
 from zr_kernels import reference
-from zr_kernels._backend import FusedRoute, note, resolve_backend
+from zr_kernels._backend import fused_op, note, resolve_backend
 from zr_kernels._validation import as_int, check_choice, check_float_in, check_float_tensor
 from zr_kernels.kernels.group_advantages import SCALES, group_advantages_fwd
 
@@ -15,13 +15,11 @@ def _group_advantages(rewards: torch.Tensor, group_size: int, scale: str, unbias
     return group_advantages_fwd(rewards, group_size, scale, unbiased, eps)
 
 
-_group_advantages_op = torch.library.custom_op("zr_kernels::group_advantages", _group_advantages, mutates_args=())
-_group_advantages_route = FusedRoute(_group_advantages_op, _group_advantages)
-
-
-@_group_advantages_op.register_fake
-def _(rewards, group_size, scale, unbiased, eps):
+def _fake(rewards, group_size, scale, unbiased, eps):
     return rewards.new_empty(rewards.shape[0], dtype=torch.float32)
+
+
+_group_advantages_route = fused_op("group_advantages", _group_advantages, _fake)
 
 
 def group_advantages(rewards, group_size, scale="group", unbiased=True, eps=1e-6, *, backend=None) -> torch.Tensor:

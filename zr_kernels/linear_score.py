@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from zr_kernels import reference
-from zr_kernels._backend import FusedRoute, note, resolve_backend
+from zr_kernels._backend import Kernel, fused_op, note, resolve_backend
 from zr_kernels._types import ScoreDist, stats_dtype
-from zr_kernels._validation import as_token_ids, as_values, check_float_tensor, check_positive_float, check_same_device
+from zr_kernels._validation import (as_token_ids, as_values, check_float_tensor, check_positive_float,
+                                    check_same_device, check_target)
 from zr_kernels.kernels import linear_score as triton_launchers
 from zr_kernels.kernels import linear_score_cuda as cuda_launchers
 
@@ -23,107 +24,86 @@ _LAUNCHERS = {"triton": triton_launchers, "cuda": cuda_launchers}
 
 
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-             values: torch.Tensor, temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _LAUNCHERS[backend].linear_score_fwd(hidden, weight, ids, bias, values, temperature)
+             values: torch.Tensor, target: Optional[torch.Tensor], temperature: float,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _LAUNCHERS[backend].linear_score_fwd(hidden, weight, ids, bias, values, target, temperature)
 
 
-def _launch_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature, backend):
-    return _LAUNCHERS[backend].linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values,
-                                                        temperature)
-
-
-def _launch_grad_hidden(grad_logits, weight, ids, dim, backend):
-    return _LAUNCHERS[backend].linear_score_grad_hidden(grad_logits, weight, ids, dim)
-
-
-def _launch_grad_weight(grad_logits, hidden, ids, num_weight_rows, with_bias, backend):
-    return _LAUNCHERS[backend].linear_score_grad_weight(grad_logits, hidden, ids, num_weight_rows, with_bias)
-
-
-_linear_score_op = torch.library.custom_op("zr_kernels::linear_score", _forward, mutates_args=())
-
-
-@_linear_score_op.register_fake
-def _(hidden, weight, ids, bias, values, temperature, backend):
+def _fake(hidden, weight, ids, bias, values, target, temperature, backend):
     n_bins = ids.shape[0] if ids is not None else weight.shape[0]
     row = hidden.new_empty(hidden.shape[0], dtype=values.dtype)
-    return hidden.new_empty(hidden.shape[0], n_bins, dtype=values.dtype), row, row.clone()
+    nll = hidden.new_empty(hidden.shape[0] if target is not None else 0, dtype=values.dtype)
+    return hidden.new_empty(hidden.shape[0], n_bins, dtype=values.dtype), row, row.clone(), nll
 
 
-@torch.library.custom_op("zr_kernels::linear_score_grad_logits", mutates_args=())
-def _grad_logits_op(
+def _grad_logits(
     grad_probs: Optional[torch.Tensor], grad_mean: Optional[torch.Tensor], grad_std: Optional[torch.Tensor],
-    probs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, values: torch.Tensor, temperature: float, backend: str,
+    grad_nll: Optional[torch.Tensor], probs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+    target: Optional[torch.Tensor], values: torch.Tensor, temperature: float, backend: str,
 ) -> torch.Tensor:
-    return _launch_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature, backend)
+    return _LAUNCHERS[backend].linear_score_grad_logits(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std,
+                                                        target, values, temperature)
 
 
-@_grad_logits_op.register_fake
-def _(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature, backend):
+def _grad_logits_fake(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, values, temperature,
+                      backend):
     return torch.empty_like(probs)
 
 
-@torch.library.custom_op("zr_kernels::linear_score_grad_hidden", mutates_args=())
-def _grad_hidden_op(grad_logits: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor], dim: int,
-                    backend: str) -> torch.Tensor:
-    return _launch_grad_hidden(grad_logits, weight, ids, dim, backend)
+def _grad_hidden(grad_logits: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor], dim: int,
+                 backend: str) -> torch.Tensor:
+    return _LAUNCHERS[backend].linear_score_grad_hidden(grad_logits, weight, ids, dim)
 
 
-@_grad_hidden_op.register_fake
-def _(grad_logits, weight, ids, dim, backend):
+def _grad_hidden_fake(grad_logits, weight, ids, dim, backend):
     return grad_logits.new_empty(grad_logits.shape[0], dim, dtype=weight.dtype)
 
 
-@torch.library.custom_op("zr_kernels::linear_score_grad_weight", mutates_args=())
-def _grad_weight_op(grad_logits: torch.Tensor, hidden: torch.Tensor, ids: Optional[torch.Tensor],
-                    num_weight_rows: int, with_bias: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_grad_weight(grad_logits, hidden, ids, num_weight_rows, with_bias, backend)
+def _grad_weight(grad_logits: torch.Tensor, hidden: torch.Tensor, ids: Optional[torch.Tensor], num_weight_rows: int,
+                 with_bias: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _LAUNCHERS[backend].linear_score_grad_weight(grad_logits, hidden, ids, num_weight_rows, with_bias)
 
 
-@_grad_weight_op.register_fake
-def _(grad_logits, hidden, ids, num_weight_rows, with_bias, backend):
+def _grad_weight_fake(grad_logits, hidden, ids, num_weight_rows, with_bias, backend):
     return (hidden.new_empty(num_weight_rows, hidden.shape[1]),
             hidden.new_empty(num_weight_rows if with_bias else 0))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, ids, bias, values, temperature, backend = inputs
-    probs, mean, std = output
-    ctx.save_for_backward(hidden, weight, ids, probs, mean, std, values)
+    hidden, weight, ids, bias, values, target, temperature, backend = inputs
+    probs, mean, std, _ = output
+    ctx.save_for_backward(hidden, weight, ids, probs, mean, std, values, target)
     ctx.temperature, ctx.backend, ctx.has_bias = temperature, backend, bias is not None
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros allocated or read
 
 
-def _backward_with(grad_logits_fn, grad_hidden_fn, grad_weight_fn):
-    """The backward formula, launching through the custom ops (compiled graphs) or the launchers (eager)."""
-    def backward(ctx, grad_probs, grad_mean, grad_std):
-        hidden, weight, ids, probs, mean, std, values = ctx.saved_tensors
-        need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
-        upstream = (None if g is None else g.to(probs.dtype) for g in (grad_probs, grad_mean, grad_std))
-        grad_logits = grad_logits_fn(*upstream, probs, mean, std, values, ctx.temperature, ctx.backend)
-        grad_hidden = grad_weight = grad_bias = None
-        if need_hidden:
-            grad_hidden = grad_hidden_fn(grad_logits, weight, ids, hidden.shape[1], ctx.backend)
-        if need_weight or (ctx.has_bias and need_bias):
-            with_bias = ctx.has_bias and need_bias
-            grad_weight, grad_bias = grad_weight_fn(grad_logits, hidden, ids, weight.shape[0], with_bias, ctx.backend)
-            grad_weight = grad_weight if need_weight else None
-            grad_bias = grad_bias if with_bias else None
-        return grad_hidden, grad_weight, None, grad_bias, None, None, None
-    return backward
+def _backward(ctx, kernels, grad_probs, grad_mean, grad_std, grad_nll):
+    hidden, weight, ids, probs, mean, std, values, target = ctx.saved_tensors
+    need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+    grad_nll = grad_nll if target is not None else None  # without a target, nll is an empty placeholder
+    upstream = (None if g is None else g.to(probs.dtype) for g in (grad_probs, grad_mean, grad_std, grad_nll))
+    grad_logits = kernels.grad_logits(*upstream, probs, mean, std, target, values, ctx.temperature, ctx.backend)
+    grad_hidden = grad_weight = grad_bias = None
+    if need_hidden:
+        grad_hidden = kernels.grad_hidden(grad_logits, weight, ids, hidden.shape[1], ctx.backend)
+    if need_weight or (ctx.has_bias and need_bias):
+        with_bias = ctx.has_bias and need_bias
+        grad_weight, grad_bias = kernels.grad_weight(grad_logits, hidden, ids, weight.shape[0], with_bias,
+                                                     ctx.backend)
+        grad_weight = grad_weight if need_weight else None
+        grad_bias = grad_bias if with_bias else None
+    return grad_hidden, grad_weight, None, grad_bias, None, None, None, None
 
 
-_linear_score_op.register_autograd(_backward_with(_grad_logits_op, _grad_hidden_op, _grad_weight_op),
-                                   setup_context=_setup_context)
+_linear_score_route = fused_op("linear_score", _forward, _fake, _setup_context, _backward, {
+    "grad_logits": Kernel(_grad_logits, _grad_logits_fake),
+    "grad_hidden": Kernel(_grad_hidden, _grad_hidden_fake),
+    "grad_weight": Kernel(_grad_weight, _grad_weight_fake),
+})
 
 
-_linear_score_route = FusedRoute(
-    _linear_score_op, _forward, _setup_context,
-    _backward_with(_launch_grad_logits, _launch_grad_hidden, _launch_grad_weight),
-)
-
-
-def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=1.0, *, backend=None) -> ScoreDist:
+def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=1.0, target=None, *,
+                 backend=None) -> ScoreDist:
     """Score-bin distribution of a linear score head, fused (no ``N × V`` logits).
 
     Replaces::
@@ -131,7 +111,7 @@ def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=
         rows = weight if token_ids is None else weight[token_ids]
         b = bias if token_ids is None or bias is None else bias[token_ids]
         logits = torch.nn.functional.linear(hidden, rows, b)            # [N, K]
-        score_distribution(logits, range(K), values, temperature=temperature)
+        score_distribution(logits, range(K), values, target, temperature)
 
     Args:
         hidden: ``[N, D]`` fp32/bf16/fp16, any strides (e.g. ``hidden_states[:, -1, :]``).
@@ -142,12 +122,15 @@ def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=
         token_ids: optional ``[K]`` unique rows of ``weight`` (the score tokens).
         bias: optional, ``[V]`` indexed by ``token_ids`` (LM-head mode) or ``[K]``; same dtype as ``hidden``.
         temperature: divides the K logits before the softmax.
+        target: optional ``[N]`` bin index per row; gives ``nll = -log probs[target]`` (the per-row term of
+            Eq. 8), computed from the log-sum-exp in the kernel.
         backend: ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"reference"`` (default: env ``ZR_KERNELS_BACKEND``
-            or auto: the CUDA extension for CUDA tensors, Triton if it is not built, the reference on CPU).
+            or auto: the CUDA extension for CUDA tensors, Triton if it is not built or when a ``target`` is
+            given (the extension computes no nll), the reference on CPU).
 
-    At most 32 score rows (K), on every backend. Returns ``ScoreDist(probs [N, K], mean [N], std [N], None)``
-    in fp32 (fp64 for fp64 inputs, which the CUDA extension does not take), differentiable w.r.t.
-    ``hidden``, ``weight`` and ``bias``. Bytes: forward reads ``N·D`` hidden elements plus the ``K·D``
+    At most 32 score rows (K), on every backend. Returns ``ScoreDist(probs [N, K], mean [N], std [N],
+    nll [N] | None)`` in fp32 (fp64 for fp64 inputs, which the CUDA extension does not take), differentiable
+    w.r.t. ``hidden``, ``weight`` and ``bias``. Bytes: forward reads ``N·D`` hidden elements plus the ``K·D``
     score rows and writes ``4·(N·K + 2N)``; backward writes ``grad_hidden`` (``N·D``), reads hidden again
     for ``grad_weight`` and writes only its K score rows (a ``[V, D]`` zero-filled gradient in LM-head mode;
     nothing when ``weight`` needs no gradient).
@@ -176,18 +159,22 @@ def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=
     if bias is not None:
         _check_bias(bias, hidden, weight.shape[0] if ids is not None else num_bins, ids is not None)
     temperature = check_positive_float("temperature", temperature)
+    if target is not None:
+        check_target(target, (n_rows,), num_bins, hidden.device)
     if backend == "cuda" and hidden.dtype == torch.float64:
         raise TypeError("hidden: backend='cuda' takes float32, bfloat16 or float16 inputs, got float64")
-    fused = ("cuda", "triton") if hidden.dtype != torch.float64 else ("triton",)
+    if backend == "cuda" and target is not None:
+        raise ValueError("target: backend='cuda' computes no nll; use backend='triton' (or auto) with a target")
+    fused = ("cuda", "triton") if hidden.dtype != torch.float64 and target is None else ("triton",)
     chosen = resolve_backend("linear_score", backend, hidden.device, fused=fused)
 
     if chosen == "reference":
         note("linear_score", "reference")
-        return reference.linear_score(hidden, weight, values, ids, bias, temperature)
+        return reference.linear_score(hidden, weight, values, ids, bias, temperature, target)
     needs_grad = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    probs, mean, std = _linear_score_route(hidden, weight, ids, bias, values, temperature, chosen,
-                                           needs_grad=needs_grad)
-    return ScoreDist(probs, mean, std, None)
+    probs, mean, std, nll = _linear_score_route(hidden, weight, ids, bias, values, target, temperature, chosen,
+                                                needs_grad=needs_grad)
+    return ScoreDist(probs, mean, std, nll if target is not None else None)
 
 
 def _autocast(hidden, weight, token_ids, bias):
@@ -259,9 +246,10 @@ class ScoreHead(nn.Module):
                 head.bias.copy_(lm_head.bias[ids])
         return head
 
-    def forward(self, hidden: torch.Tensor, *, backend: str | None = None) -> ScoreDist:
+    def forward(self, hidden: torch.Tensor, target: torch.Tensor | None = None, *,
+                backend: str | None = None) -> ScoreDist:
         return linear_score(hidden, self.weight, self.values, bias=self.bias, temperature=self.temperature,
-                            backend=backend)
+                            target=target, backend=backend)
 
     def extra_repr(self) -> str:
         return f"dim={self.weight.shape[1]}, bins={self.weight.shape[0]}, bias={self.bias is not None}"

@@ -6,7 +6,7 @@ import math
 import torch
 
 from zr_kernels import reference
-from zr_kernels._backend import FusedRoute, note, resolve_backend
+from zr_kernels._backend import Kernel, fused_op, note, resolve_backend
 from zr_kernels._types import PairGap, stats_dtype
 from zr_kernels._validation import (check_choice, check_float_in, check_float_tensor, check_positive_float,
                                     check_same_device, check_shape)
@@ -18,28 +18,18 @@ def _forward(mu_w: torch.Tensor, mu_l: torch.Tensor, gap: torch.Tensor,
     return pairwise_gap_fwd(mu_w, mu_l, gap, score_range)
 
 
-def _launch_backward(grad_loss, mu_w, mu_l, gap, score_range):
-    return pairwise_gap_bwd(grad_loss, mu_w, mu_l, gap, score_range)
-
-
-_pairwise_gap_op = torch.library.custom_op("zr_kernels::pairwise_gap", _forward, mutates_args=())
-
-
-@_pairwise_gap_op.register_fake
-def _(mu_w, mu_l, gap, score_range):
+def _fake(mu_w, mu_l, gap, score_range):
     dtype = stats_dtype(mu_w.dtype, mu_l.dtype)
     rewards = mu_w.new_empty(mu_w.shape, dtype=dtype)
     return mu_w.new_empty(mu_w.shape[0], dtype=dtype), rewards, rewards.clone()
 
 
-@torch.library.custom_op("zr_kernels::pairwise_gap_backward", mutates_args=())
-def _pairwise_gap_backward_op(grad_loss: torch.Tensor, mu_w: torch.Tensor, mu_l: torch.Tensor, gap: torch.Tensor,
-                              score_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_backward(grad_loss, mu_w, mu_l, gap, score_range)
+def _launch_backward(grad_loss: torch.Tensor, mu_w: torch.Tensor, mu_l: torch.Tensor, gap: torch.Tensor,
+                     score_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return pairwise_gap_bwd(grad_loss, mu_w, mu_l, gap, score_range)
 
 
-@_pairwise_gap_backward_op.register_fake
-def _(grad_loss, mu_w, mu_l, gap, score_range):
+def _backward_fake(grad_loss, mu_w, mu_l, gap, score_range):
     return mu_w.new_empty(mu_w.shape), mu_l.new_empty(mu_l.shape)
 
 
@@ -52,22 +42,17 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward_with(launch):
-    """The backward formula, launching through ``launch``: the custom op (compiled graphs) or the launcher."""
-    def backward(ctx, grad_loss, grad_reward_w, grad_reward_l):
-        if grad_loss is None:
-            return None, None, None, None
-        mu_w, mu_l, gap = ctx.saved_tensors
-        grad_loss = grad_loss.to(stats_dtype(mu_w.dtype, mu_l.dtype))
-        grad_w, grad_l = launch(grad_loss, mu_w, mu_l, gap, ctx.score_range)
-        return grad_w, grad_l, None, None
-    return backward
+def _backward(ctx, kernels, grad_loss, grad_reward_w, grad_reward_l):
+    if grad_loss is None:
+        return None, None, None, None
+    mu_w, mu_l, gap = ctx.saved_tensors
+    grad_loss = grad_loss.to(stats_dtype(mu_w.dtype, mu_l.dtype))
+    grad_w, grad_l = kernels.backward(grad_loss, mu_w, mu_l, gap, ctx.score_range)
+    return grad_w, grad_l, None, None
 
 
-_pairwise_gap_op.register_autograd(_backward_with(_pairwise_gap_backward_op), setup_context=_setup_context)
-
-
-_pairwise_gap_route = FusedRoute(_pairwise_gap_op, _forward, _setup_context, _backward_with(_launch_backward))
+_pairwise_gap_route = fused_op("pairwise_gap", _forward, _fake, _setup_context, _backward,
+                               {"backward": Kernel(_launch_backward, _backward_fake)})
 
 
 def _gdso_rewards(mu_w: torch.Tensor, mu_l: torch.Tensor, s_w: torch.Tensor, s_l: torch.Tensor,
@@ -75,16 +60,12 @@ def _gdso_rewards(mu_w: torch.Tensor, mu_l: torch.Tensor, s_w: torch.Tensor, s_l
     return gdso_rewards_fwd(mu_w, mu_l, s_w, s_l, score_range, lambda_pt, lambda_pw)
 
 
-_gdso_rewards_op = torch.library.custom_op("zr_kernels::gdso_rewards", _gdso_rewards, mutates_args=())
-
-
-_gdso_rewards_route = FusedRoute(_gdso_rewards_op, _gdso_rewards)
-
-
-@_gdso_rewards_op.register_fake
-def _(mu_w, mu_l, s_w, s_l, score_range, lambda_pt, lambda_pw):
+def _gdso_rewards_fake(mu_w, mu_l, s_w, s_l, score_range, lambda_pt, lambda_pw):
     dtype = stats_dtype(mu_w.dtype, mu_l.dtype)
     return mu_w.new_empty(mu_w.shape, dtype=dtype), mu_w.new_empty(mu_w.shape, dtype=dtype)
+
+
+_gdso_rewards_route = fused_op("gdso_rewards", _gdso_rewards, _gdso_rewards_fake)
 
 
 def _check_pairs(mu_w, mu_l, **per_pair: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from zr_kernels import reference
-from zr_kernels._backend import FusedRoute, note, resolve_backend
+from zr_kernels._backend import Kernel, fused_op, note, resolve_backend
 from zr_kernels._types import ScoreDist, stats_dtype
 from zr_kernels._validation import as_token_ids, as_values, check_float_tensor, check_positive_float, check_target
 from zr_kernels.kernels.score_distribution import score_distribution_bwd, score_distribution_fwd
@@ -17,37 +17,25 @@ def _forward(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, targ
     return score_distribution_fwd(logits, ids, values, target, temperature)
 
 
-def _launch_backward(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
-                     temperature, vocab_size, dtype):
-    return score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
-                                  temperature, vocab_size, dtype)
-
-
-_score_distribution_op = torch.library.custom_op("zr_kernels::score_distribution", _forward, mutates_args=())
-
-
-@_score_distribution_op.register_fake
-def _(logits, ids, values, target, temperature):
+def _fake(logits, ids, values, target, temperature):
     n_rows, n_bins, dtype = logits.shape[0], ids.shape[0], stats_dtype(logits.dtype)
     row = logits.new_empty(n_rows, dtype=dtype)
     nll = logits.new_empty(n_rows if target is not None else 0, dtype=dtype)
     return logits.new_empty(n_rows, n_bins, dtype=dtype), row, row.clone(), nll
 
 
-@torch.library.custom_op("zr_kernels::score_distribution_backward", mutates_args=())
-def _score_distribution_backward_op(
+def _launch_backward(
     grad_probs: Optional[torch.Tensor], grad_mean: Optional[torch.Tensor], grad_std: Optional[torch.Tensor],
     grad_nll: Optional[torch.Tensor], probs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
     target: Optional[torch.Tensor], ids: torch.Tensor, values: torch.Tensor, temperature: float, vocab_size: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    return _launch_backward(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
-                            temperature, vocab_size, dtype)
+    return score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values,
+                                  temperature, vocab_size, dtype)
 
 
-@_score_distribution_backward_op.register_fake
-def _(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values, temperature, vocab_size,
-      dtype):
+def _backward_fake(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, ids, values, temperature,
+                   vocab_size, dtype):
     return probs.new_empty(probs.shape[0], vocab_size, dtype=dtype)
 
 
@@ -59,23 +47,17 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros allocated or read
 
 
-def _backward_with(launch):
-    """The backward formula, launching through ``launch``: the custom op (compiled graphs) or the launcher."""
-    def backward(ctx, grad_probs, grad_mean, grad_std, grad_nll):
-        probs, mean, std, target, ids, values = ctx.saved_tensors
-        grad_nll = grad_nll if target is not None else None  # without a target, nll is an empty placeholder
-        grads = (None if g is None else g.to(probs.dtype) for g in (grad_probs, grad_mean, grad_std, grad_nll))
-        grad_logits = launch(*grads, probs, mean, std, target, ids, values, ctx.temperature, ctx.vocab_size,
-                             ctx.dtype)
-        return grad_logits, None, None, None, None
-    return backward
+def _backward(ctx, kernels, grad_probs, grad_mean, grad_std, grad_nll):
+    probs, mean, std, target, ids, values = ctx.saved_tensors
+    grad_nll = grad_nll if target is not None else None  # without a target, nll is an empty placeholder
+    grads = (None if g is None else g.to(probs.dtype) for g in (grad_probs, grad_mean, grad_std, grad_nll))
+    grad_logits = kernels.backward(*grads, probs, mean, std, target, ids, values, ctx.temperature, ctx.vocab_size,
+                                   ctx.dtype)
+    return grad_logits, None, None, None, None
 
 
-_score_distribution_op.register_autograd(_backward_with(_score_distribution_backward_op), setup_context=_setup_context)
-
-
-_score_distribution_route = FusedRoute(_score_distribution_op, _forward, _setup_context,
-                                       _backward_with(_launch_backward))
+_score_distribution_route = fused_op("score_distribution", _forward, _fake, _setup_context, _backward,
+                                     {"backward": Kernel(_launch_backward, _backward_fake)})
 
 
 def _as_rows(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

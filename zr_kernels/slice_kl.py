@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from zr_kernels import reference
-from zr_kernels._backend import FusedRoute, note, resolve_backend
+from zr_kernels._backend import Kernel, fused_op, note, resolve_backend
 from zr_kernels._validation import (
     as_token_ids, check_choice, check_float_in, check_float_tensor, check_positive_float, check_same_device,
     check_shape,
@@ -21,29 +21,18 @@ def _forward(student_logits: torch.Tensor, teacher_probs: torch.Tensor, ids: tor
     return slice_kl_fwd(student_logits, teacher_probs, ids, vocab_norm, beta, temperature)
 
 
-def _launch_backward(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temperature):
-    return slice_kl_bwd(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temperature)
-
-
-_slice_kl_op = torch.library.custom_op("zr_kernels::slice_kl", _forward, mutates_args=())
-
-
-@_slice_kl_op.register_fake
-def _(student_logits, teacher_probs, ids, vocab_norm, beta, temperature):
+def _fake(student_logits, teacher_probs, ids, vocab_norm, beta, temperature):
     loss = student_logits.new_empty(student_logits.shape[0], dtype=torch.float32)
     return loss, loss.clone()
 
 
-@torch.library.custom_op("zr_kernels::slice_kl_backward", mutates_args=())
-def _slice_kl_backward_op(
-    grad_loss: torch.Tensor, student_logits: torch.Tensor, teacher_probs: torch.Tensor, ids: torch.Tensor,
-    lse: torch.Tensor, vocab_norm: bool, beta: float, temperature: float,
-) -> torch.Tensor:
-    return _launch_backward(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temperature)
+def _launch_backward(grad_loss: torch.Tensor, student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                     ids: torch.Tensor, lse: torch.Tensor, vocab_norm: bool, beta: float,
+                     temperature: float) -> torch.Tensor:
+    return slice_kl_bwd(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temperature)
 
 
-@_slice_kl_backward_op.register_fake
-def _(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temperature):
+def _backward_fake(grad_loss, student_logits, teacher_probs, ids, lse, vocab_norm, beta, temperature):
     return student_logits.new_empty(student_logits.shape)
 
 
@@ -58,22 +47,17 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward_with(launch):
-    """The backward formula, launching through ``launch``: the custom op (compiled graphs) or the launcher."""
-    def backward(ctx, grad_loss, grad_lse):
-        if grad_loss is None:
-            return None, None, None, None, None, None
-        student_logits, teacher_probs, ids, lse = ctx.saved_tensors
-        grad_logits = launch(grad_loss.float(), student_logits, teacher_probs, ids, lse, ctx.vocab_norm,
-                             ctx.beta, ctx.temperature)
-        return grad_logits, None, None, None, None, None
-    return backward
+def _backward(ctx, kernels, grad_loss, grad_lse):
+    if grad_loss is None:
+        return None, None, None, None, None, None
+    student_logits, teacher_probs, ids, lse = ctx.saved_tensors
+    grad_logits = kernels.backward(grad_loss.float(), student_logits, teacher_probs, ids, lse, ctx.vocab_norm,
+                                   ctx.beta, ctx.temperature)
+    return grad_logits, None, None, None, None, None
 
 
-_slice_kl_op.register_autograd(_backward_with(_slice_kl_backward_op), setup_context=_setup_context)
-
-
-_slice_kl_route = FusedRoute(_slice_kl_op, _forward, _setup_context, _backward_with(_launch_backward))
+_slice_kl_route = fused_op("slice_kl", _forward, _fake, _setup_context, _backward,
+                           {"backward": Kernel(_launch_backward, _backward_fake)})
 
 
 def slice_kl(student_logits, teacher_probs, token_ids, normalize="slice", beta=0.0, temperature=1.0,

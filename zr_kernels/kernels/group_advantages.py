@@ -16,15 +16,10 @@ import triton
 import triton.language as tl
 
 from zr_kernels._backend import launch_guard, note
-from zr_kernels.kernels._grid import cdiv, next_power_of_2
+from zr_kernels.kernels._grid import cdiv, next_power_of_2, row_tile
 
 SCALES = ("group", "batch", "none")
 _TILE = 4096
-
-
-def _blocks(group_size: int) -> tuple[int, int]:
-    block_cols = min(next_power_of_2(group_size), 1024)
-    return max(1, min(64, _TILE // block_cols)), block_cols
 
 
 @triton.jit
@@ -124,7 +119,7 @@ def group_advantages_fwd(rewards: torch.Tensor, group_size: int, scale: str, unb
     part_block = _TILE
     n_parts = cdiv(n, part_block)
     part_mean = part_m2 = out  # placeholders; only read when scale == "batch"
-    block_groups, block_cols = _blocks(group_size)
+    block_groups, block_cols = row_tile(group_size, max_width=1024, elements=_TILE)
     with launch_guard(rewards.device):
         if scale == "batch":
             part_mean, part_m2 = (torch.empty(n_parts, device=rewards.device, dtype=torch.float32) for _ in range(2))

@@ -20,7 +20,7 @@ from zr_kernels._backend import interpreter_enabled, launch_guard, note
 from zr_kernels._types import stats_dtype
 from zr_kernels._validation import cached_arange
 from zr_kernels.kernels._grid import cdiv, next_power_of_2
-from zr_kernels.kernels.score_distribution import score_distribution_bwd
+from zr_kernels.kernels.score_distribution import score_distribution_bwd, store_distribution
 
 BLOCK_ROWS = 16  # tl.dot needs every tile side >= 16
 BLOCK_D = 128
@@ -50,9 +50,10 @@ def _score_rows(ids_ptr, bins, n_bins, n_weight_rows, HAS_IDS: tl.constexpr):
 
 @triton.jit
 def _linear_score_fwd_kernel(
-    hidden_ptr, weight_ptr, ids_ptr, bias_ptr, values_ptr, probs_ptr, mean_ptr, std_ptr,
-    n_rows, dim, n_bins, n_weight_rows, stride_hn, stride_hd, stride_wr, stride_wd, stride_b, temperature,
-    HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+    hidden_ptr, weight_ptr, ids_ptr, bias_ptr, values_ptr, target_ptr, probs_ptr, mean_ptr, std_ptr, nll_ptr,
+    n_rows, dim, n_bins, n_weight_rows, stride_hn, stride_hd, stride_wr, stride_wd, stride_b, stride_target,
+    temperature,
+    HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     acc_type = probs_ptr.dtype.element_ty
@@ -78,20 +79,10 @@ def _linear_score_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + w_rows * stride_b, mask=w_ok, other=0.0).to(acc_type)[None, :]
 
-    ok = row_ok[:, None] & bin_ok[None, :]
     z = tl.where(w_ok[None, :], acc / temperature, float("nan"))
     z = tl.where(bin_ok[None, :], z, float("-inf"))
-    z_max = tl.max(z, axis=1)
-    e = tl.where(bin_ok[None, :], tl.exp(z - z_max[:, None]), 0.0)
-    p = e / tl.sum(e, axis=1)[:, None]
-    values = tl.load(values_ptr + bins, mask=bin_ok, other=0.0).to(acc_type)
-    mean = tl.sum(p * values[None, :], axis=1)
-    centered = tl.where(bin_ok[None, :], values[None, :] - mean[:, None], 0.0)
-    # Two-pass variance: a one-hot distribution gives exactly 0, never a tiny negative.
-    std = tl.sqrt(tl.sum(p * centered * centered, axis=1))
-    tl.store(probs_ptr + rows64[:, None] * n_bins + bins[None, :], p, mask=ok)
-    tl.store(mean_ptr + rows, mean, mask=row_ok)
-    tl.store(std_ptr + rows, std, mask=row_ok)
+    store_distribution(z, rows, bins, n_rows, n_bins, values_ptr, target_ptr, stride_target,
+                       probs_ptr, mean_ptr, std_ptr, nll_ptr, HAS_TARGET)
 
 
 @triton.jit
@@ -187,32 +178,37 @@ def _ids_arg(ids: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
     return ids if ids is not None else fallback
 
 
-def linear_score_fwd(hidden, weight, ids, bias, values, temperature: float):
-    """Launch the forward; ``hidden [N, D]``, ``weight [V or K, D]`` (any strides). Returns probs, mean, std."""
+def linear_score_fwd(hidden, weight, ids, bias, values, target, temperature: float):
+    """Launch the forward; ``hidden [N, D]``, ``weight [V or K, D]`` (any strides). Returns probs, mean, std and
+    nll (``[N]`` with a target, an empty ``[0]`` tensor without one)."""
     n_rows, dim = hidden.shape
     n_bins = ids.numel() if ids is not None else weight.shape[0]
     out = dict(device=hidden.device, dtype=stats_dtype(hidden.dtype))
     probs = torch.empty(n_rows, n_bins, **out)
     mean, std = torch.empty(n_rows, **out), torch.empty(n_rows, **out)
+    nll = torch.empty(n_rows if target is not None else 0, **out)
     if n_rows:
         with launch_guard(hidden.device):
             _linear_score_fwd_kernel[(cdiv(n_rows, BLOCK_ROWS),)](
-                hidden, weight, _ids_arg(ids, values), bias if bias is not None else values, values, probs, mean,
-                std, n_rows, dim, n_bins, weight.shape[0], hidden.stride(0), hidden.stride(1), weight.stride(0),
-                weight.stride(1), bias.stride(0) if bias is not None else 0, temperature,
-                HAS_IDS=ids is not None, HAS_BIAS=bias is not None,
+                hidden, weight, _ids_arg(ids, values), bias if bias is not None else values, values,
+                target if target is not None else values, probs, mean, std, nll,
+                n_rows, dim, n_bins, weight.shape[0], hidden.stride(0), hidden.stride(1), weight.stride(0),
+                weight.stride(1), bias.stride(0) if bias is not None else 0,
+                target.stride(0) if target is not None else 0, temperature,
+                HAS_IDS=ids is not None, HAS_BIAS=bias is not None, HAS_TARGET=target is not None,
                 DOT_IN_INPUT_DTYPE=_dot_in_input_dtype(hidden.dtype),
                 BLOCK_ROWS=BLOCK_ROWS, BLOCK_BINS=_block_bins(n_bins), BLOCK_D=BLOCK_D,
             )
         note("linear_score", "triton")
-    return probs, mean, std
+    return probs, mean, std, nll
 
 
-def linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature: float):
+def linear_score_grad_logits(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, values,
+                             temperature: float):
     """``grad_logits [N, K]`` (statistics dtype, divided by the temperature) from the upstream gradients (each
-    None when that output is unused, else any strides)."""
+    None when that output is unused, else any strides; ``grad_nll`` only with a ``target``)."""
     n_bins = probs.shape[1]
-    return score_distribution_bwd(grad_probs, grad_mean, grad_std, None, probs, mean, std, None,
+    return score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target,
                                   cached_arange(n_bins, probs.device), values, temperature, n_bins, probs.dtype,
                                   op="linear_score.backward")
 

@@ -30,7 +30,8 @@ def _ptr(t: torch.Tensor | None) -> int:
     return t.data_ptr() if t is not None else 0
 
 
-def linear_score_fwd(hidden, weight, ids, bias, values, temperature: float):
+def linear_score_fwd(hidden, weight, ids, bias, values, target, temperature: float):
+    # The extension computes no nll: linear_score sends every call with a target to the Triton kernels.
     n_rows, dim = hidden.shape
     n_bins = ids.numel() if ids is not None else weight.shape[0]
     probs = torch.empty(n_rows, n_bins, device=hidden.device, dtype=torch.float32)
@@ -42,10 +43,11 @@ def linear_score_fwd(hidden, weight, ids, bias, values, temperature: float):
         probs.data_ptr(), mean.data_ptr(), std.data_ptr(), *_launch(hidden),
     )
     _note_if_launched("linear_score", n_rows)
-    return probs, mean, std
+    return probs, mean, std, torch.empty(0, device=hidden.device, dtype=torch.float32)
 
 
-def linear_score_grad_logits(grad_probs, grad_mean, grad_std, probs, mean, std, values, temperature: float):
+def linear_score_grad_logits(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, target, values,
+                             temperature: float):
     n_rows, n_bins = probs.shape
     # The kernel reads contiguous upstream gradients (a .sum()'s broadcast gradient is copied here).
     grad_probs, grad_mean, grad_std = (g if g is None else g.contiguous() for g in (grad_probs, grad_mean, grad_std))

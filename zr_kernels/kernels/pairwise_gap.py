@@ -25,7 +25,7 @@ MAX_GROUP_SIZE = 4096
 _TILE = 4096
 
 
-def _blocks(group_size: int) -> tuple[int, int, int]:
+def _pair_tile(group_size: int) -> tuple[int, int, int]:
     """(pairs, G, k-chunk) tile sizes: the whole group along ``i``, ``k`` in chunks, about 4096 elements."""
     block_g = next_power_of_2(group_size)
     block_k = max(1, min(block_g, _TILE // block_g))
@@ -119,7 +119,7 @@ def _launch_fwd(mu_w, mu_l, gap, s_w, s_l, inv_range, lambda_pt, lambda_pw, gdso
     loss = torch.empty(n_pairs, **out)
     reward_w, reward_l = torch.empty(n_pairs, group_size, **out), torch.empty(n_pairs, group_size, **out)
     if n_pairs:
-        block_p, block_g, block_k = _blocks(group_size)
+        block_p, block_g, block_k = _pair_tile(group_size)
         # The inputs of the disabled branch are never read: any tensor stands in for their pointers.
         gap, s_w, s_l = (mu_w if t is None else t for t in (gap, s_w, s_l))
         with launch_guard(mu_w.device):
@@ -153,7 +153,7 @@ def pairwise_gap_bwd(grad_loss: torch.Tensor, mu_w: torch.Tensor, mu_l: torch.Te
     grad_w = torch.empty(n_pairs, group_size, device=mu_w.device, dtype=mu_w.dtype)
     grad_l = torch.empty(n_pairs, group_size, device=mu_l.device, dtype=mu_l.dtype)
     if n_pairs:
-        block_p, block_g, block_k = _blocks(group_size)
+        block_p, block_g, block_k = _pair_tile(group_size)
         with launch_guard(mu_w.device):
             _pairwise_gap_bwd_kernel[(cdiv(n_pairs, block_p),)](
                 grad_loss, mu_w, mu_l, gap, grad_w, grad_l,

@@ -14,12 +14,37 @@ import triton.language as tl
 
 from zr_kernels._backend import launch_guard, note
 from zr_kernels._types import stats_dtype
-from zr_kernels.kernels._grid import cdiv, next_power_of_2
+from zr_kernels.kernels._grid import cdiv, row_tile
 
 
-def _blocks(num_bins: int) -> tuple[int, int]:
-    block_bins = next_power_of_2(num_bins)
-    return max(1, min(64, 4096 // block_bins)), block_bins
+@triton.jit
+def store_distribution(z, rows, bins, n_rows, n_bins, values_ptr, target_ptr, stride_target,
+                       probs_ptr, mean_ptr, std_ptr, nll_ptr, HAS_TARGET: tl.constexpr):
+    """Softmax of the scaled score logits ``z [rows, bins]`` (-inf off the K bins), then store probs, mean, std
+    and, with a target, ``nll`` (also linear_score's forward epilogue)."""
+    acc_type = probs_ptr.dtype.element_ty
+    row_ok = rows < n_rows
+    bin_ok = bins < n_bins
+    rows64 = rows.to(tl.int64)
+    values = tl.load(values_ptr + bins, mask=bin_ok, other=0.0).to(acc_type)
+    z_max = tl.max(z, axis=1)
+    e = tl.where(bin_ok[None, :], tl.exp(z - z_max[:, None]), 0.0)
+    total = tl.sum(e, axis=1)
+    p = e / total[:, None]
+    mean = tl.sum(p * values[None, :], axis=1)
+    centered = tl.where(bin_ok[None, :], values[None, :] - mean[:, None], 0.0)
+    # Two-pass variance: a one-hot or constant distribution gives exactly 0, never a tiny negative.
+    std = tl.sqrt(tl.sum(p * centered * centered, axis=1))
+    tl.store(probs_ptr + rows64[:, None] * n_bins + bins[None, :], p, mask=row_ok[:, None] & bin_ok[None, :])
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(std_ptr + rows, std, mask=row_ok)
+    if HAS_TARGET:
+        # -log p[t] from the log-sum-exp, never log(p): exact where p underflows. An out-of-range target (only
+        # possible for unchecked CUDA tensors) reads nothing and gives NaN.
+        t = tl.load(target_ptr + rows64 * stride_target, mask=row_ok, other=0)
+        z_t = tl.sum(tl.where(bins[None, :] == t[:, None], z, 0.0), axis=1)
+        nll = tl.where((t >= 0) & (t < n_bins), z_max + tl.log(total) - z_t, float("nan"))
+        tl.store(nll_ptr + rows, nll, mask=row_ok)
 
 
 @triton.jit
@@ -29,37 +54,15 @@ def _score_distribution_fwd_kernel(
     n_rows, n_bins, stride_row, stride_col, stride_target, temperature,
     HAS_TARGET: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
 ):
-    acc_type = probs_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     bins = tl.arange(0, BLOCK_BINS)
-    row_ok = rows < n_rows
-    bin_ok = bins < n_bins
-    ok = row_ok[:, None] & bin_ok[None, :]
-    ids = tl.load(ids_ptr + bins, mask=bin_ok, other=0).to(tl.int64)
-    values = tl.load(values_ptr + bins, mask=bin_ok, other=0.0).to(acc_type)
-    rows64 = rows.to(tl.int64)
-
-    z = tl.load(logits_ptr + rows64[:, None] * stride_row + ids[None, :] * stride_col, mask=ok, other=float("-inf"))
-    z = z.to(acc_type) / temperature
-    z_max = tl.max(z, axis=1)
-    e = tl.where(ok, tl.exp(z - z_max[:, None]), 0.0)
-    total = tl.sum(e, axis=1)
-    p = e / total[:, None]
-    mean = tl.sum(p * values[None, :], axis=1)
-    centered = tl.where(ok, values[None, :] - mean[:, None], 0.0)
-    # Two-pass variance: a one-hot or constant distribution gives exactly 0, never a tiny negative.
-    std = tl.sqrt(tl.sum(p * centered * centered, axis=1))
-
-    tl.store(probs_ptr + rows64[:, None] * n_bins + bins[None, :], p, mask=ok)
-    tl.store(mean_ptr + rows, mean, mask=row_ok)
-    tl.store(std_ptr + rows, std, mask=row_ok)
-    if HAS_TARGET:
-        t = tl.load(target_ptr + rows64 * stride_target, mask=row_ok, other=0)
-        z_t = tl.sum(tl.where(bins[None, :] == t[:, None], z, 0.0), axis=1)
-        nll = z_max + tl.log(total) - z_t
-        # An out-of-range target (only possible for unchecked CUDA tensors) reads nothing and gives NaN.
-        nll = tl.where((t >= 0) & (t < n_bins), nll, float("nan"))
-        tl.store(nll_ptr + rows, nll, mask=row_ok)
+    ok = (rows < n_rows)[:, None] & (bins < n_bins)[None, :]
+    ids = tl.load(ids_ptr + bins, mask=bins < n_bins, other=0).to(tl.int64)
+    z = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_row + ids[None, :] * stride_col, mask=ok,
+                other=float("-inf"))
+    z = z.to(probs_ptr.dtype.element_ty) / temperature
+    store_distribution(z, rows, bins, n_rows, n_bins, values_ptr, target_ptr, stride_target,
+                       probs_ptr, mean_ptr, std_ptr, nll_ptr, HAS_TARGET)
 
 
 @triton.jit
@@ -123,7 +126,7 @@ def score_distribution_fwd(logits: torch.Tensor, ids: torch.Tensor, values: torc
     mean, std = torch.empty(n_rows, **out), torch.empty(n_rows, **out)
     nll = torch.empty(n_rows if target is not None else 0, **out)
     if n_rows:
-        block_rows, block_bins = _blocks(n_bins)
+        block_rows, block_bins = row_tile(n_bins)
         with launch_guard(logits.device):
             _score_distribution_fwd_kernel[(cdiv(n_rows, block_rows),)](
                 logits, ids, values, target if target is not None else ids,
@@ -145,7 +148,7 @@ def score_distribution_bwd(grad_probs, grad_mean, grad_std, grad_nll, probs, mea
     n_rows, n_bins = probs.shape
     grad_logits = torch.zeros(n_rows, vocab_size, device=probs.device, dtype=dtype)
     if n_rows:
-        block_rows, block_bins = _blocks(n_bins)
+        block_rows, block_bins = row_tile(n_bins)
         upstream = (grad_probs, grad_mean, grad_std, grad_nll)
         with launch_guard(probs.device):
             _score_distribution_bwd_kernel[(cdiv(n_rows, block_rows),)](

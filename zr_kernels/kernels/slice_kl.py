@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 
 from zr_kernels._backend import launch_guard, note
-from zr_kernels.kernels._grid import cdiv, next_power_of_2
-from zr_kernels.kernels.score_distribution import _blocks
+from zr_kernels.kernels._grid import cdiv, next_power_of_2, row_tile
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 MAX_BLOCK_V = 4096
@@ -206,7 +205,7 @@ def slice_kl_fwd(logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor,
                 logits, part_max, part_sum, n_rows, vocab_size, split_size, logits.stride(0), logits.stride(1),
                 temperature, BLOCK_ROWS=block_rows_v, BLOCK_V=block_v,
             )
-        block_rows, block_bins = _blocks(n_bins)
+        block_rows, block_bins = row_tile(n_bins)
         _slice_kl_fwd_kernel[(cdiv(n_rows, block_rows),)](
             logits, teacher, ids, part_max, part_sum, lse, loss,
             n_rows, n_bins, n_splits, logits.stride(0), logits.stride(1), teacher.stride(0), teacher.stride(1),
@@ -227,7 +226,7 @@ def slice_kl_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, teacher: torch.T
     if not n_rows:
         return grad_logits
     strides = (logits.stride(0), logits.stride(1), teacher.stride(0), teacher.stride(1), grad_loss.stride(0))
-    block_rows, block_bins = _blocks(n_bins)
+    block_rows, block_bins = row_tile(n_bins)
     with launch_guard(logits.device):
         if vocab_norm:
             block_rows_v, block_v, n_splits, split_size = _vocab_blocks(n_rows, vocab_size)

@@ -7,12 +7,12 @@ from zr_kernels._types import ScoreDist
 from zr_kernels.reference.score_distribution import score_distribution
 
 
-def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=1.0) -> ScoreDist:
-    """``score_distribution(hidden @ weight[token_ids].T + bias[token_ids], range(K), values, temperature)``."""
+def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=1.0, target=None) -> ScoreDist:
+    """``score_distribution(hidden @ weight[token_ids].T + bias[token_ids], range(K), values, target, temperature)``."""
     if token_ids is not None:
         ids = torch.as_tensor(token_ids, dtype=torch.int64, device=weight.device)
         weight = weight[ids]
         bias = bias[ids] if bias is not None else None
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    return score_distribution(logits, torch.arange(weight.shape[0], device=hidden.device), values,
-                              temperature=temperature)
+    return score_distribution(logits, torch.arange(weight.shape[0], device=hidden.device), values, target,
+                              temperature)
