@@ -10,7 +10,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="zreward serve needs the [serve] extra (fastapi, uvicorn, httpx)")
 
-from zreward.demo import STUDENT_CONFIG, build_scorer  # noqa: E402
+from tests.deploy_helpers import save_tiny_student, uint8_images  # noqa: E402
 from zreward.deploy.adapters import (  # noqa: E402
     LocalReward,
     RewardClient,
@@ -21,6 +21,7 @@ from zreward.deploy.adapters import (  # noqa: E402
     verl_compute_score,
 )
 from zreward.deploy.engine import Scoring  # noqa: E402
+from zreward.deploy.model_folder import load_model_folder  # noqa: E402
 from zreward.deploy.serve import BackgroundServer  # noqa: E402
 from zreward.deploy.service import ServeSettings, create_app  # noqa: E402
 from zreward.rubric import DIMENSIONS  # noqa: E402
@@ -29,8 +30,8 @@ TOKEN = "adapter-token"
 
 
 @pytest.fixture(scope="module")
-def scorer():
-    return build_scorer(11, STUDENT_CONFIG, torch.device("cpu"))
+def scorer(tmp_path_factory):
+    return load_model_folder(save_tiny_student(tmp_path_factory.mktemp("models"), seed=11))
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +47,8 @@ def backends(scorer, server):
     client.close()
 
 
-def _uint8_nhwc(count, seed=0):
-    return (np.random.default_rng(seed).random((count, 32, 32, 3)) * 255).astype(np.uint8)
-
-
 def test_client_and_local_give_the_same_records(backends):
-    images = _uint8_nhwc(5)  # 5 images: two requests of at most 3 for the client, three batches locally
+    images = uint8_images(5)  # 5 images: two requests of at most 3 for the client, three batches locally
     prompts = [f"prompt {i}" for i in range(5)]
     local = backends["local"].score(images, prompts)
     remote = backends["client"].score(images, prompts)
@@ -65,7 +62,7 @@ def test_client_and_local_give_the_same_records(backends):
 @pytest.mark.parametrize("kind", ["local", "client"])
 def test_flow_grpo_reward_takes_float_nchw_and_uint8_nhwc(backends, kind):
     fn = flow_grpo_reward(backends[kind])
-    uint8 = _uint8_nhwc(3, seed=1)
+    uint8 = uint8_images(3, seed=1)
     floats = torch.from_numpy(uint8).permute(0, 3, 1, 2).float() / 255  # exact in 8 bits: no rounding on the wire
     scores, info = fn(floats, ["a", "b", "c"], [{}, {}, {}])
     again, _ = fn(uint8, ["a", "b", "c"], None)
@@ -82,7 +79,7 @@ def test_flow_grpo_reward_takes_float_nchw_and_uint8_nhwc(backends, kind):
 
 @pytest.mark.parametrize("kind", ["local", "client"])
 def test_verl_compute_score(backends, kind, tmp_path):
-    images = _uint8_nhwc(2, seed=2)
+    images = uint8_images(2, seed=2)
     Image.fromarray(images[0]).save(tmp_path / "gen0.png")
     infos = [{"image": str(tmp_path / "gen0.png"), "prompt": "a cat"}, {"image": images[1], "prompt": "a dog"}]
     batch = verl_batch_compute_score(backends[kind])(data_sources=["t2i"] * 2, solution_strs=["", ""],
@@ -100,7 +97,7 @@ def test_verl_compute_score(backends, kind, tmp_path):
 def test_trl_reward_func(backends, kind):
     func = trl_reward_func(backends[kind])
     assert func.__name__ == "zreward"
-    images = [Image.fromarray(a) for a in _uint8_nhwc(2, seed=3)]
+    images = [Image.fromarray(a) for a in uint8_images(2, seed=3)]
     conversational = [[{"role": "system", "content": "be good"}, {"role": "user", "content": "a red cube"}],
                       [{"role": "user", "content": [{"type": "text", "text": "a blue"}, {"type": "text", "text": "ball"}]}]]
     rewards = func(prompts=conversational, completions=images, completion_ids=None)
@@ -114,7 +111,7 @@ def test_trl_reward_func(backends, kind):
 def test_client_scoring_options(server):
     scoring = Scoring(("realism", "alignment"), "weighted_mean", (3.0, 1.0))
     with RewardClient(server.url, token=TOKEN, scoring=scoring) as client:
-        record = client.score(_uint8_nhwc(1), ["a"])[0]
+        record = client.score(uint8_images(1), ["a"])[0]
         assert list(record["dimensions"]) == ["realism", "alignment"]
         means = [record["dimensions"][d]["mean"] for d in ("realism", "alignment")]
         assert record["reward"] == pytest.approx(0.75 * means[0] + 0.25 * means[1], abs=1e-6)
@@ -125,13 +122,13 @@ def test_client_retries_a_full_queue_then_succeeds(scorer):
     settings = ServeSettings(max_batch=64, max_wait_ms=400, max_queue_images=2, max_request_images=2)
     app = create_app(scorer, settings)
     with BackgroundServer(app) as running, RewardClient(running.url, retries=3, backoff_s=0.05) as client:
-        filler = threading.Thread(target=client.score, args=(_uint8_nhwc(2), ["a", "b"]))
+        filler = threading.Thread(target=client.score, args=(uint8_images(2), ["a", "b"]))
         filler.start()
         deadline = time.monotonic() + 30
         while app.state.batcher.queued_images < 2:
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        records = client.score(_uint8_nhwc(1, seed=4), ["c"])  # first answer 503, then Retry-After, then 200
+        records = client.score(uint8_images(1, seed=4), ["c"])  # first answer 503, then Retry-After, then 200
         filler.join()
         assert len(records) == 1 and app.state.batcher.stats["queue_full"] >= 1
 
@@ -140,21 +137,21 @@ def test_client_errors_name_the_problem(server):
     with RewardClient(server.url, token="wrong", retries=3) as client:
         started = time.monotonic()
         with pytest.raises(RewardError, match="answered 401: missing or wrong bearer token"):
-            client.score(_uint8_nhwc(1), ["a"])
+            client.score(uint8_images(1), ["a"])
         assert time.monotonic() - started < 5  # a 4xx is not retried
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]  # nothing listens there once closed
     with RewardClient(f"http://127.0.0.1:{closed_port}", retries=2, backoff_s=0.01) as client:
         with pytest.raises(RewardError, match="unreachable after 3 attempts"):
-            client.score(_uint8_nhwc(1), ["a"])
+            client.score(uint8_images(1), ["a"])
     for kwargs, message in [({"retries": -1}, "retries"), ({"timeout": 0}, "timeout must be positive"),
                             ({"max_images_per_request": 0}, "max_images_per_request")]:
         with pytest.raises(ValueError, match=message):
             RewardClient(server.url, **kwargs)
     with RewardClient(server.url, token=TOKEN) as client:
         with pytest.raises(TypeError, match="prompts must be a sequence of strings"):
-            client.score(_uint8_nhwc(1), "a")
+            client.score(uint8_images(1), "a")
         with pytest.raises(ValueError, match=r"images\[0\] must be float \[3, H, W\]"):
             client.score([np.zeros((3, 8, 8), np.int16)], ["a"])
 
@@ -164,4 +161,4 @@ def test_client_timeout(scorer):
     with BackgroundServer(create_app(scorer, settings)) as running, \
             RewardClient(running.url, timeout=0.2, retries=0) as client:
         with pytest.raises(RewardError, match="ReadTimeout"):
-            client.score(_uint8_nhwc(1), ["slow"])
+            client.score(uint8_images(1), ["slow"])

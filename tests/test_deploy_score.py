@@ -14,17 +14,17 @@ from PIL import Image
 import zreward.deploy.score as score_module
 from zreward.cli import main
 from zreward.data import load_image
+from tests.deploy_helpers import save_tiny_student
 from zreward.demo import STUDENT_CONFIG, build_scorer
 from zreward.deploy.engine import Scoring, score_images
-from zreward.deploy.model_folder import load_model_folder, save_model_folder
+from zreward.deploy.model_folder import load_model_folder
 from zreward.deploy.rank import top_k, top_k_path
 from zreward.rubric import DIMENSIONS
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_model_folder(build_scorer(5, STUDENT_CONFIG, torch.device("cpu")),
-                             tmp_path_factory.mktemp("models") / "student")
+    return save_tiny_student(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,14 @@ def test_memory_is_bounded_by_the_batch_not_the_data_set(scorer, tmp_path, monke
                                      progress=False)
     assert counts == {"scored": 30, "skipped": 0, "already_done": 0} and state["scored"] == 30
     assert state["held"] <= score_module.MAX_PENDING_BATCHES * 2
+
+
+def test_scoring_leaves_nothing_behind_that_breaks_training():
+    # The ops cache small tensors (score values, token ids); made under inference_mode, autograd would refuse them.
+    score_images(build_scorer(0, STUDENT_CONFIG, torch.device("cpu")), [torch.rand(3, 32, 32)], ["a"], DIMENSIONS)
+    trainee = build_scorer(1, STUDENT_CONFIG, torch.device("cpu"))
+    trainee.student_scores(torch.rand(1, 3, 32, 32), ["a"]).mean.sum().backward()
+    assert trainee.lm_head_weight().grad is not None
 
 
 def test_existing_output_needs_resume(model_dir, tmp_path):

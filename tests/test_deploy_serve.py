@@ -3,7 +3,6 @@ client that disappears, graceful shutdown (in-process and by SIGTERM to the comm
 import base64
 import io
 import json
-import os
 import re
 import signal
 import socket
@@ -14,19 +13,18 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="zreward serve needs the [serve] extra (fastapi, uvicorn, httpx)")
 import httpx  # noqa: E402
 
+from tests.deploy_helpers import save_tiny_student, uint8_images  # noqa: E402
 from zreward.cli import main  # noqa: E402
-from zreward.demo import STUDENT_CONFIG, build_scorer  # noqa: E402
 from zreward.deploy.adapters import LocalReward  # noqa: E402
 from zreward.deploy.batcher import Job, MicroBatcher, QueueFull, ShuttingDown  # noqa: E402
 from zreward.deploy.engine import Scoring  # noqa: E402
 from zreward.deploy.images import encode_image  # noqa: E402
-from zreward.deploy.model_folder import load_model_folder, save_model_folder  # noqa: E402
+from zreward.deploy.model_folder import load_model_folder  # noqa: E402
 from zreward.deploy.serve import BackgroundServer  # noqa: E402
 from zreward.deploy.service import ServeSettings, create_app  # noqa: E402
 
@@ -36,17 +34,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_model_folder(build_scorer(7, STUDENT_CONFIG, torch.device("cpu")),
-                             tmp_path_factory.mktemp("models") / "student")
+    return save_tiny_student(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
 def scorer(model_dir):
     return load_model_folder(model_dir)
-
-
-def _uint8_images(count, height=32, width=32, seed=0):
-    return (np.random.default_rng(seed).random((count, height, width, 3)) * 255).astype(np.uint8)
 
 
 def _png(array, format="PNG"):
@@ -71,7 +64,7 @@ def _score(url, images, prompts, headers=AUTH, **options):
 
 
 def test_scores_match_the_model_in_request_order(server, scorer):
-    images = list(_uint8_images(2)) + list(_uint8_images(1, 32, 64, seed=1))  # two sizes: two forwards
+    images = list(uint8_images(2)) + list(uint8_images(1, 32, 64, seed=1))  # two sizes: two forwards
     response = _score(server.url, images, ["a", "b", "c"])
     assert response.status_code == 200
     results = response.json()["results"]
@@ -91,7 +84,7 @@ def test_scores_match_the_model_in_request_order(server, scorer):
 
 
 def _bad_requests():
-    good = _png(_uint8_images(1)[0])
+    good = _png(uint8_images(1)[0])
     gif = io.BytesIO()
     Image.new("RGB", (8, 8)).save(gif, format="GIF")
     thin = _png(np.zeros((1, 250, 3), np.uint8))
@@ -115,7 +108,7 @@ def _bad_requests():
          "aggregation must be one of"),
         ("wrong weights", json.dumps({"images": [good], "prompts": ["a"], "weights": [1.0]}), 400,
          "weights must be 4 non-negative numbers"),
-        ("too many pixels", json.dumps({"images": [_png(_uint8_images(1, 65, 64)[0])], "prompts": ["a"]}), 413,
+        ("too many pixels", json.dumps({"images": [_png(uint8_images(1, 65, 64)[0])], "prompts": ["a"]}), 413,
          "above the limit of 4096"),
         ("too many images", json.dumps({"images": [good] * 5, "prompts": ["a"] * 5}), 413, "above the limit of 4"),
         ("body too large", json.dumps({"images": [good], "prompts": ["a" * 100_001]}), 413, "request body"),
@@ -127,18 +120,18 @@ def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(server, name, 
     response = httpx.post(f"{server.url}/score", content=body, headers={**AUTH, "Content-Type": "application/json"})
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
-    assert _score(server.url, _uint8_images(1), ["still fine"]).status_code == 200
+    assert _score(server.url, uint8_images(1), ["still fine"]).status_code == 200
 
 
 def test_authentication_health_and_metrics(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-        response = _score(server.url, _uint8_images(1), ["a"], headers=headers)
+        response = _score(server.url, uint8_images(1), ["a"], headers=headers)
         assert response.status_code == 401 and "bearer token" in response.json()["error"]
         assert response.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{server.url}/metrics").status_code == 401
     health = httpx.get(f"{server.url}/health").json()
     assert health == {"status": "ok", "queued_images": 0, "max_batch": 4}
-    assert _score(server.url, _uint8_images(2), ["a", "b"]).status_code == 200
+    assert _score(server.url, uint8_images(2), ["a", "b"]).status_code == 200
     text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     assert re.search(r'^zreward_requests_total\{code="200"\} [1-9]', text, re.M)
     assert re.search(r'^zreward_requests_total\{code="401"\} [1-9]', text, re.M)
@@ -172,9 +165,9 @@ def test_concurrent_requests_share_one_forward_and_a_full_queue_answers_503(scor
     app = create_app(scorer, settings)
     batcher = app.state.batcher
     with BackgroundServer(app) as running:
-        threads, results = _in_threads(4, lambda i: _score(running.url, _uint8_images(1, seed=i), [f"p{i}"]))
+        threads, results = _in_threads(4, lambda i: _score(running.url, uint8_images(1, seed=i), [f"p{i}"]))
         _wait_for(lambda: batcher.queued_images == 4)
-        overload = _score(running.url, _uint8_images(1), ["one too many"])
+        overload = _score(running.url, uint8_images(1), ["one too many"])
         assert overload.status_code == 503 and overload.headers["retry-after"] == "1"
         assert "retry later" in overload.json()["error"]
         for thread in threads:
@@ -189,7 +182,7 @@ def test_a_client_that_disconnects_does_not_wedge_the_batcher(scorer):
     app = create_app(scorer, settings)
     batcher = app.state.batcher
     with BackgroundServer(app) as running:
-        body = json.dumps({"images": [encode_image(_uint8_images(1)[0])], "prompts": ["gone"]}).encode()
+        body = json.dumps({"images": [encode_image(uint8_images(1)[0])], "prompts": ["gone"]}).encode()
         head = (f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         with socket.create_connection((running.host, running.port)) as half:  # killed while sending the body
@@ -198,7 +191,7 @@ def test_a_client_that_disconnects_does_not_wedge_the_batcher(scorer):
             waiting.sendall(head + body)
             _wait_for(lambda: batcher.queued_images == 1)
         _wait_for(lambda: batcher.stats["cancelled"] == 1)
-        response = _score(running.url, _uint8_images(2), ["a", "b"])
+        response = _score(running.url, uint8_images(2), ["a", "b"])
         assert response.status_code == 200 and len(response.json()["results"]) == 2
         assert batcher.stats["images"] == 2  # the abandoned request was never scored
 
@@ -207,14 +200,14 @@ def test_shutdown_finishes_queued_requests(scorer):
     settings = ServeSettings(max_batch=64, max_wait_ms=1500, max_queue_images=8, max_request_images=4)
     app = create_app(scorer, settings)
     running = BackgroundServer(app).start()
-    threads, results = _in_threads(3, lambda i: _score(running.url, _uint8_images(1, seed=i), [f"p{i}"]))
+    threads, results = _in_threads(3, lambda i: _score(running.url, uint8_images(1, seed=i), [f"p{i}"]))
     _wait_for(lambda: app.state.batcher.queued_images == 3)
     running.stop()
     for thread in threads:
         thread.join()
     assert [r.status_code for r in results] == [200] * 3
     with pytest.raises(ShuttingDown):
-        app.state.batcher.submit(Job([_uint8_images(1)[0]], ["late"], Scoring()))
+        app.state.batcher.submit(Job([uint8_images(1)[0]], ["late"], Scoring()))
 
 
 def test_sigterm_to_the_command_finishes_received_requests(model_dir, tmp_path):
@@ -230,7 +223,7 @@ def test_sigterm_to_the_command_finishes_received_requests(model_dir, tmp_path):
             assert line or job.poll() is None, "zreward serve exited before listening"
         url = re.search(r"on (http://127\.0\.0\.1:\d+)", line).group(1)
         assert "bearer token required" in line
-        threads, results = _in_threads(2, lambda i: _score(url, _uint8_images(1, seed=i), [f"p{i}"]))
+        threads, results = _in_threads(2, lambda i: _score(url, uint8_images(1, seed=i), [f"p{i}"]))
         _wait_for(lambda: "zreward_queued_images 2" in httpx.get(f"{url}/metrics", headers=AUTH).text)
         job.send_signal(signal.SIGTERM)
         for thread in threads:
@@ -269,7 +262,7 @@ def test_batcher_skips_cancelled_jobs_and_survives_a_failing_forward(scorer):
 
     batcher = MicroBatcher(FailsOnce(), max_batch=8, max_wait_s=0.2, max_queue_images=4)
     batcher.start()
-    image = _uint8_images(1)[0]
+    image = uint8_images(1)[0]
     try:
         cancelled = batcher.submit(Job([image], ["a"], Scoring()))
         assert cancelled.cancel()

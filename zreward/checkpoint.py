@@ -68,14 +68,7 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             optim_tensors, meta["optimizer"] = _split_optimizer_state(optim_state)
             save_file(optim_tensors, tmp / "optimizer.safetensors")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if path.exists():  # os.replace cannot replace a non-empty directory: move the old one aside first
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        move_into_place(tmp, path)
     _barrier()
     return path
 
@@ -122,6 +115,18 @@ def latest_checkpoint(root) -> Path | None:
 
 def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``path``, replacing a folder there."""
+    if path.exists():  # os.replace cannot replace a non-empty directory: move the old one aside first
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, Any] | None = None) -> None:

@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,6 +111,20 @@ def _parse(record, root: Path, check_images: bool) -> tuple[dict | None, list[st
                 split=split), []
 
 
+def jsonl_values(path) -> Iterator[tuple[str, Any, str | None]]:
+    """``(where, value, problem)`` for each non-blank line of a JSONL file: ``where`` is ``file:line``, ``problem``
+    None or what makes the line malformed JSON (then ``value`` is None)."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line), None
+            except json.JSONDecodeError as error:
+                yield f"{path}:{number}", None, f"malformed JSON ({error.msg} at column {error.colno})"
+
+
 def load_annotations(path, split: str | None = None, *, check_images: bool = True) -> list[Annotation]:
     """Read and validate an annotation JSONL file; keep only ``split`` when given.
 
@@ -119,20 +135,14 @@ def load_annotations(path, split: str | None = None, *, check_images: bool = Tru
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     records, errors = [], []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                errors.append(f"{where}: malformed JSON ({error.msg} at column {error.colno})")
-                continue
-            fields, problems = _parse(value, path.parent, check_images)
-            errors += [f"{where}: {p}" for p in problems]
-            if fields is not None:
-                records.append(Annotation(**fields, source=where))
+    for where, value, problem in jsonl_values(path):
+        if problem is not None:
+            errors.append(f"{where}: {problem}")
+            continue
+        fields, problems = _parse(value, path.parent, check_images)
+        errors += [f"{where}: {p}" for p in problems]
+        if fields is not None:
+            records.append(Annotation(**fields, source=where))
     if errors:
         raise AnnotationError("\n".join(errors))
     return [r for r in records if split is None or r.split == split]

@@ -85,7 +85,7 @@ def check_image(image: torch.Tensor, scorer: RewardScorer, name: str = "image") 
     return image
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: tensors the ops cache while scoring must stay usable by training later
 def score_images(scorer: RewardScorer, images: Sequence[torch.Tensor], prompts: Sequence[str],
                  dimensions: Sequence[str]) -> ScoreDist:
     """Score distributions ``[B, len(dimensions), K]`` of float ``[3, H, W]`` images, in input order.

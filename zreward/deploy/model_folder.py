@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from zreward.checkpoint import move_into_place
 from zreward.distributed import unwrap_model
 from zreward.rubric import ANSWER_PREFIX, DIMENSIONS, instruction
 from zreward.scorer import ATTN_IMPLEMENTATIONS, RewardScorer, ScoringProcessor
@@ -69,14 +69,7 @@ def save_model_folder(scorer: RewardScorer, path, role: str = "student") -> Path
                                 "token_ids": list(vocab.token_ids)},
                 "dimensions": list(DIMENSIONS), "rubric_version": rubric_version()}
     (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+    move_into_place(tmp, path)
     return path
 
 

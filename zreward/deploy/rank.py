@@ -11,21 +11,17 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from zreward.data import jsonl_values
+
 
 def read_score_lines(path) -> Iterator[dict]:
     """The records of a scores JSONL file; a line that is not a score record is a ValueError naming file:line."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: malformed JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict) or not {"image", "prompt", "reward"} <= set(record):
-                raise ValueError(f"{path}:{number}: not a score line (needs 'image', 'prompt' and 'reward')")
-            yield record
+    for where, record, problem in jsonl_values(path):
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}")
+        if not isinstance(record, dict) or not {"image", "prompt", "reward"} <= set(record):
+            raise ValueError(f"{where}: not a score line (needs 'image', 'prompt' and 'reward')")
+        yield record
 
 
 def top_k(path, k: int) -> list[dict]:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from zreward.data import load_image
+from zreward.data import jsonl_values, load_image
 from zreward.deploy.engine import ENGINES, Scoring, check_image, open_scorer, score_images
 from zreward.deploy.model_folder import DTYPES
 from zreward.deploy.rank import read_score_lines, top_k_path, write_top_k
@@ -67,23 +67,16 @@ def read_inputs(input_path, prompts_file=None) -> Iterator[Candidate | InputErro
 
 
 def _jsonl_inputs(path: Path) -> Iterator[Candidate | InputError]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield InputError(f"{where}: malformed JSON ({error.msg} at column {error.colno})")
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"] \
-                    or not isinstance(record.get("prompt"), str):
-                yield InputError(f"{where}: expected an object with an 'image' path and a 'prompt' string")
-                continue
-            image = Path(record["image"])
-            yield Candidate(where, record["image"], image if image.is_absolute() else path.parent / image,
-                            record["prompt"])
+    for where, record, problem in jsonl_values(path):
+        if problem is None and (not isinstance(record, dict) or not isinstance(record.get("image"), str)
+                                or not record["image"] or not isinstance(record.get("prompt"), str)):
+            problem = "expected an object with an 'image' path and a 'prompt' string"
+        if problem is not None:
+            yield InputError(f"{where}: {problem}")
+            continue
+        image = Path(record["image"])
+        yield Candidate(where, record["image"], image if image.is_absolute() else path.parent / image,
+                        record["prompt"])
 
 
 def _folder_inputs(folder: Path, prompts_file: Path) -> Iterator[Candidate | InputError]:

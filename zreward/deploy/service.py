@@ -146,7 +146,9 @@ def create_app(scorer, settings: ServeSettings = ServeSettings(), token: str | N
         responses[200] += 1
         latency["seconds"] += time.perf_counter() - started
         latency["count"] += 1
-        return {"results": [{"image": i, "prompt": p, **r} for i, (p, r) in enumerate(zip(job.prompts, records))]}
+        # A JSONResponse goes out as is; a returned dict would first be walked by FastAPI's jsonable_encoder.
+        return JSONResponse({"results": [{"image": i, "prompt": p, **r}
+                                         for i, (p, r) in enumerate(zip(job.prompts, records))]})
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
