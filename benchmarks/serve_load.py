@@ -218,7 +218,12 @@ def report(args, rows: list[dict], checks: list, environment: dict) -> str:
               "| fault (under load) | answer | as expected |", "|---|---|---|"]
     lines += [f"| {what} | {answer} | {'yes' if ok else 'NO'} |" for what, answer, ok in checks]
     lines += ["", f"Requests lost over all phases: {sum(r['lost'] for r in rows)} (a lost request got neither a score "
-              "nor an explicit error)."]
+              "nor an explicit error). Load average at the end: "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.", "",
+              "On a CPU the clients, the HTTP handling and the forward share the cores, so these figures move with "
+              "whatever else runs on the machine. Batching saves the per-forward overhead, which dominates for the tiny "
+              "model; a model whose forward is compute-bound on one CPU thread gains little from it. No accelerator was "
+              "measured."]
     return "\n".join(lines) + "\n"
 
 
