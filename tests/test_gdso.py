@@ -244,4 +244,7 @@ def test_kernels_are_the_ones_called(tiny_teacher):
     with zr_kernels.trace_backends() as ran:
         trainer.step()
     ops = {op for op, _ in ran}
-    assert {"group_advantages", "pairwise_gap", "gdso_rewards", "score_distribution"} <= ops
+    # The score distribution and Eq. 8's cross-entropy come from linear_score (with a target), not from logits
+    # formed by hand and passed to score_distribution.
+    assert {"group_advantages", "pairwise_gap", "gdso_rewards", "linear_score"} <= ops
+    assert "score_distribution" not in ops

@@ -372,9 +372,9 @@ class GDSOTrainer(TrainerBase):
 
         self.model.train()
         for _ in range(cfg.updates_per_batch):
-            hidden = self.scorer._hidden_states(self.model, _rollout_batch(rollouts), rollouts.pixel_values,
-                                                rollouts.image_grid_thw)
-            weight = self.scorer.lm_head_weight()
+            hidden = self.scorer.hidden_states(_rollout_batch(rollouts), rollouts.pixel_values,
+                                               rollouts.image_grid_thw, self.model)
+            weight = self.scorer.lm_head_weight(self.model)
             rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(-1)
             if use_policy:
                 token_hidden = hidden[rows, positions - 1]  # token t is predicted at position t - 1
@@ -387,10 +387,9 @@ class GDSOTrainer(TrainerBase):
             else:
                 zero = hidden.new_zeros((), dtype=torch.float32)
                 policy, stats = zero, SurrogateStats(zero, zero)
-            score_hidden = hidden[rows.squeeze(-1), rollouts.score_positions]
-            ids = torch.tensor(self.scorer.vocab.token_ids, device=hidden.device)
-            dist = zr_kernels.score_distribution(score_hidden @ weight[ids].T, list(range(len(ids))),
-                                                 self.scorer.vocab.values, target=bins)
+            # Eq. 2 and Eq. 8 in one fused pass over the K score rows of the LM head (linear_score with a target).
+            dist = self.scorer.score_distribution(hidden[rows.squeeze(-1), rollouts.score_positions], target=bins,
+                                                  model=self.model)
             out = gdso_loss(policy, stats, dist.mean.view(num_pairs, 2, group), dist.nll.view(num_pairs, 2, group),
                             s_w, s_l, self.score_max - self.score_min, cfg)
             grad_norm = self._apply(out.loss)
@@ -422,10 +421,10 @@ class GDSOTrainer(TrainerBase):
             self.reference = torch.nn.Identity()
 
     def _logprobs(self, model, rollouts, positions, targets) -> torch.Tensor:
-        hidden = self.scorer._hidden_states(model, _rollout_batch(rollouts), rollouts.pixel_values,
-                                            rollouts.image_grid_thw)
+        hidden = self.scorer.hidden_states(_rollout_batch(rollouts), rollouts.pixel_values, rollouts.image_grid_thw,
+                                           model)
         rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(-1)
-        weight = getattr(model, "get_base_model", lambda: model)().get_output_embeddings().weight
+        weight = self.scorer.lm_head_weight(model)
         return token_logprobs(hidden[rows, positions - 1], weight, targets, chunk_size=self.config.logprob_chunk)
 
 

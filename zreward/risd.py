@@ -140,17 +140,19 @@ class RISDTrainer(TrainerBase):
         device = self.ctx.device
         images = self.data.images(indices).to(device)
         self.model.train()
-        dist = self.student.student_scores(images, self.data.prompts(indices), self.cache.dimensions)
-        num_bins = dist.probs.shape[-1]
-        # log q_phi are logits of q_phi: softmax over the K slice gives q_phi back exactly (Eq. 15 as written)
-        student_logits = dist.probs.clamp_min(torch.finfo(torch.float32).tiny).log().reshape(-1, num_bins)
+        hidden = self.student.student_hidden(images, self.data.prompts(indices), self.cache.dimensions)
+        # Eq. 15 on the student's K score logits (row b * D + d): slice_kl's softmax is the only one, straight from
+        # the logits (no probabilities logged back, no clamp).
+        student_logits = self.student.score_logits(hidden)
+        num_bins = student_logits.shape[-1]
         teacher = self.cache.probs[indices].to(device).reshape(-1, num_bins)
         loss = zr_kernels.slice_kl(student_logits, teacher, list(range(num_bins)))
         grad_norm = self._apply(loss)
         self.model.eval()
         self.state["step"] += 1
-        teacher_mean = teacher @ self.cache.values.to(device)
+        values = self.cache.values.to(device)
+        student_mean = student_logits.detach().float().softmax(-1) @ values
         metrics = {"step": self.state["step"], "loss": float(all_reduce_mean(loss.detach())), "grad_norm": grad_norm,
-                   "mean_abs_gap": float((dist.mean.detach().reshape(-1) - teacher_mean).abs().mean())}
+                   "mean_abs_gap": float((student_mean - teacher @ values).abs().mean())}
         self.history.append(metrics)
         return metrics

@@ -18,7 +18,7 @@ import torch
 
 import zr_kernels
 from zr_kernels import ScoreDist
-from zr_kernels._validation import check_choice, check_positive_float
+from zr_kernels._validation import as_token_ids, check_choice, check_positive_float
 from zreward.image_processing import num_image_tokens, preprocess_images
 from zreward.rubric import ANSWER_PREFIX, DIMENSIONS, chat_prompt, check_dimension
 from zreward.shared_prefix import check_supported, shared_prefix_hidden, split_rows
@@ -71,11 +71,6 @@ class Rollouts:
     num_samples: int
 
 
-def _score_logits_distribution(hidden, weight, vocab: ScoreVocab, temperature: float) -> ScoreDist:
-    """K-way score distribution of ``hidden [N, D]`` against the score rows of ``weight [V, D]``."""
-    return zr_kernels.linear_score(hidden, weight, vocab.values, token_ids=vocab.token_ids, temperature=temperature)
-
-
 class RewardScorer:
     """Scores images under the four rubric dimensions with a Qwen-VL ``model`` (``...ForConditionalGeneration``).
 
@@ -120,17 +115,23 @@ class RewardScorer:
         batch per dimension from the prefix states;
         differentiable w.r.t. ``images`` and the model's parameters. Equal to running every prompt on its own.
         """
+        temperature = check_positive_float("temperature", temperature)
+        return _reshape(self.score_distribution(self.student_hidden(images, prompts, dimensions),
+                                                temperature=temperature), (len(prompts), len(dimensions)))
+
+    def student_hidden(self, images: torch.Tensor, prompts: Sequence[str],
+                       dimensions: Sequence[str] = DIMENSIONS) -> torch.Tensor:
+        """The final-norm hidden state at the score position, ``[B * len(dimensions), D]`` (row ``b * D + d``):
+        what :meth:`student_scores` feeds the score head. Trainers that need the score logits themselves (RISD's
+        KL) apply :meth:`score_logits` to it."""
         dimensions = [check_dimension(d) for d in dimensions]
         prompts = _check_prompts(prompts, images)
-        temperature = check_positive_float("temperature", temperature)
         pixel_values, grid = preprocess_images(images, self.image_processor)
         num_dims = len(dimensions)
         texts = [chat_prompt(self.tokenizer, p, d) for p in prompts for d in dimensions]
         rows = [self.tokenizer.encode(t, add_special_tokens=False) for t in self._expand_images(texts, grid, num_dims)]
         split = split_rows(rows, num_dims, self.tokenizer.pad_token_id, self.image_token_id)
-        hidden = shared_prefix_hidden(_base(self.model), split, pixel_values, grid)
-        dist = _score_logits_distribution(hidden, self.lm_head_weight(), self.vocab, temperature)
-        return _reshape(dist, (len(prompts), num_dims))
+        return shared_prefix_hidden(_base(self.model), split, pixel_values, grid)
 
     # -- teacher ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -173,7 +174,7 @@ class RewardScorer:
             completion_mask[i, len(p):len(p) + len(c)] = 1
         score_positions = batch["attention_mask"].sum(1) - 1
         hidden = self.last_hidden(batch, row_pixels, row_grid, score_positions)
-        scores = _score_logits_distribution(hidden, self.lm_head_weight(), self.vocab, 1.0)
+        scores = self.score_distribution(hidden)
         return Rollouts(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], completion_mask=completion_mask,
             mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=row_pixels, image_grid_thw=row_grid,
@@ -189,10 +190,10 @@ class RewardScorer:
         """
         model = self.model if model is None else model
         batch = {k: getattr(rollouts, k) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        hidden = self._hidden_states(model, batch, rollouts.pixel_values, rollouts.image_grid_thw)
+        hidden = self.hidden_states(batch, rollouts.pixel_values, rollouts.image_grid_thw, model)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        weight = _base(model).get_output_embeddings().weight
-        scores = _score_logits_distribution(hidden[rows, rollouts.score_positions], weight, self.vocab, 1.0)
+        weight = self.lm_head_weight(model)
+        scores = self.score_distribution(hidden[rows, rollouts.score_positions], model=model)
         # Token t is predicted from position t - 1.
         target_mask = rollouts.completion_mask[:, 1:].bool()
         logits = (hidden[:, :-1][target_mask] @ weight.T).float()
@@ -203,17 +204,35 @@ class RewardScorer:
         return token_logprobs, _reshape(scores, (batch_size, rollouts.num_samples))
 
     # -- shared pieces ---------------------------------------------------------------------------------------
-    def lm_head_weight(self) -> torch.Tensor:
-        """The LM head ``[V, D]``; the scorer reads only the K score rows of it."""
-        return _base(self.model).get_output_embeddings().weight
+    def lm_head_weight(self, model=None) -> torch.Tensor:
+        """The LM head ``[V, D]`` of ``model`` (default: the scorer's; a PEFT wrapper or a frozen reference copy
+        work too); the scorer reads only the K score rows of it."""
+        return _base(self.model if model is None else model).get_output_embeddings().weight
+
+    def score_distribution(self, hidden: torch.Tensor, target: torch.Tensor | None = None, *,
+                           temperature: float = 1.0, model=None) -> ScoreDist:
+        """The K-bin score distribution of final-norm hidden states ``hidden [N, D]`` through ``model``'s LM head
+        (default: the scorer's), fused: ``zr_kernels.linear_score`` over the K score rows, never ``N x V``
+        logits. ``target [N]`` (bin indices) adds ``nll``, the per-row term of Eq. 8."""
+        return zr_kernels.linear_score(hidden, self.lm_head_weight(model), self.vocab.values,
+                                       token_ids=self.vocab.token_ids, temperature=temperature, target=target)
+
+    def score_logits(self, hidden: torch.Tensor, model=None) -> torch.Tensor:
+        """The K score logits ``[N, K]`` of ``hidden [N, D]``: ``hidden @ W[score_ids].T``, gathering the K rows
+        of the LM head rather than forming all V logits (for losses on the logits, e.g. RISD's slice KL)."""
+        weight = self.lm_head_weight(model)
+        ids = as_token_ids(self.vocab.token_ids, weight.shape[0], weight.device)  # converted once per device
+        return torch.nn.functional.linear(hidden, weight[ids])
 
     def last_hidden(self, batch: dict, pixel_values, image_grid_thw, positions: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden state ``[N, D]`` at ``positions[n]`` of each row (the LM head is not applied)."""
-        hidden = self._hidden_states(self.model, batch, pixel_values, image_grid_thw)
+        hidden = self.hidden_states(batch, pixel_values, image_grid_thw)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
 
-    def _hidden_states(self, model, batch: dict, pixel_values, image_grid_thw) -> torch.Tensor:
-        inner = _base(model).model
+    def hidden_states(self, batch: dict, pixel_values, image_grid_thw, model=None) -> torch.Tensor:
+        """Final-norm hidden states ``[N, L, D]`` of ``model`` (default: the scorer's) on a padded ``batch``
+        (``input_ids``, ``attention_mask``, ``mm_token_type_ids``) with its images; no LM head."""
+        inner = _base(self.model if model is None else model).model
         kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False)
         if "mm_token_type_ids" in inspect.signature(inner.forward).parameters:
