@@ -126,7 +126,7 @@ setup(
         "dev": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "trl>=0.20", *SERVE],
         # `zreward serve` and the RewardClient of zreward.deploy.adapters.
         "serve": SERVE,
-        # Triton kernels for Qwen3.5's gated delta rule (zreward.gated_delta). CUDA machines only: once installed,
+        # Triton kernels for Qwen3.5's gated delta rule (zreward.scoring.gated_delta). CUDA machines only: once installed,
         # transformers' own Qwen3.5 forward uses them too, and they do not run on CPU tensors.
         "fla": ["fla-core>=0.6"],
     },

@@ -24,8 +24,9 @@ import torch
 
 from benchmarks.bench_student_scoring import _naive, _scorer
 from benchmarks.saved_memory import SavedBytes
-from zreward.refl import ReFLConfig, ReFLTrainer, ZImageAdapter, student_reward_fn, tiny_zimage_pipeline
-from zreward.rubric import DIMENSIONS
+from zreward.experiments.tiny_models import tiny_zimage_pipeline
+from zreward.refl import ReFLConfig, ReFLTrainer, ZImageAdapter, student_reward_fn
+from zreward.scoring.rubric import DIMENSIONS
 
 PROMPT = "a red cube on a blue sphere"  # the naive path scores this prompt, so both paths see the same text
 

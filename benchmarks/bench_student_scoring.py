@@ -53,9 +53,9 @@ SHAPES = {"tiny": {}, "small": SMALL_TEXT, "9b": QWEN35_9B_TEXT}
 def _scorer(shape: str, device_type: str):
     """The frozen model (text config ``SHAPES[shape]``), processor and scorer, built once per run (on the device,
     so init is fast on GPU)."""
-    from zreward.scorer import RewardScorer
-    from zreward.tiny_models import tiny_qwen35
-    from zreward.vocab import ScoreVocab
+    from zreward.experiments.tiny_models import tiny_qwen35
+    from zreward.scoring.scorer import RewardScorer
+    from zreward.scoring.vocab import ScoreVocab
 
     device = torch.device(device_type)
     with device:
@@ -76,8 +76,8 @@ def _ours(scorer):
 
 
 def _naive(model, processor, scorer):
-    from zreward.image_processing import num_image_tokens, preprocess_images
-    from zreward.rubric import DIMENSIONS, chat_prompt
+    from zreward.scoring.image_processing import num_image_tokens, preprocess_images
+    from zreward.scoring.rubric import DIMENSIONS, chat_prompt
 
     tokenizer = processor.tokenizer
     image_token_id = model.config.image_token_id
@@ -103,7 +103,7 @@ def _naive(model, processor, scorer):
 
 
 def _teacher(scorer, samples: int, length: int):
-    from zreward.rubric import DIMENSIONS
+    from zreward.scoring.rubric import DIMENSIONS
 
     def run(images):
         prompts = [PROMPT] * images.shape[0]
@@ -113,7 +113,7 @@ def _teacher(scorer, samples: int, length: int):
 
 
 def _params(model, batch: int, size: int, config: Config, **extra) -> dict:
-    from zreward.gated_delta import choose_backend
+    from zreward.scoring.gated_delta import choose_backend
 
     text = model.config.text_config
     return {"B": batch, "image_size": size, "D": text.hidden_size, "V": text.vocab_size,

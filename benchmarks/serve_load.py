@@ -184,10 +184,10 @@ def encode_bodies(count: int, images_per_request: int, size: int) -> list[bytes]
 def tiny_model_folder(directory: Path) -> Path:
     import torch
 
-    from zreward.demo import STUDENT_CONFIG, build_scorer
     from zreward.deploy.model_folder import save_model_folder
+    from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer
 
-    return save_model_folder(build_scorer(0, STUDENT_CONFIG, torch.device("cpu")), directory / "student")
+    return save_model_folder(tiny_scorer(0, STUDENT_CONFIG, torch.device("cpu")), directory / "student")
 
 
 def _table(rows: list[dict]) -> list[str]:

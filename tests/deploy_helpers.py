@@ -2,13 +2,13 @@
 import numpy as np
 import torch
 
-from zreward.demo import STUDENT_CONFIG, build_scorer
 from zreward.deploy.model_folder import save_model_folder
+from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer
 
 
 def save_tiny_student(directory, seed=5):
     """A tiny random-weight student written as the model folder ``<directory>/student``."""
-    return save_model_folder(build_scorer(seed, STUDENT_CONFIG, torch.device("cpu")), directory / "student")
+    return save_model_folder(tiny_scorer(seed, STUDENT_CONFIG, torch.device("cpu")), directory / "student")
 
 
 def uint8_images(count, height=32, width=32, seed=0):

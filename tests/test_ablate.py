@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from zreward.ablate import AblationConfig, run_ablation
-from zreward.ablate_arms import DESCRIPTIONS, STUDENT_ARMS, TEACHER_ARMS
 from zreward.cli import build_parser
-from zreward.gdso import GDSOConfig
-from zreward.risd import RISDConfig
+from zreward.experiments.ablate import AblationConfig, run_ablation
+from zreward.experiments.arms import DESCRIPTIONS, STUDENT_ARMS, TEACHER_ARMS
+from zreward.training.gdso import GDSOConfig
+from zreward.training.risd import RISDConfig
 
 ARMS = {"teacher_zero_shot", "sft", "grpo", "gdso", "gdso_parsed", "student_zero_shot", "student_sft", "risd"}
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zreward.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
-from zreward.distributed import DistContext, shard_indices
+from zreward.training.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from zreward.training.distributed import DistContext, shard_indices
 
 DATA = torch.randn(24, 6, generator=torch.Generator().manual_seed(1))
 

@@ -3,9 +3,9 @@ import json
 import math
 
 from zreward.cli import build_parser
-from zreward.demo import DemoConfig, run_demo
-from zreward.gdso import GDSOConfig
-from zreward.risd import RISDConfig
+from zreward.experiments.demo import DemoConfig, run_demo
+from zreward.training.gdso import GDSOConfig
+from zreward.training.risd import RISDConfig
 
 
 def test_cli_registers_demo():

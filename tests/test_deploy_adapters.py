@@ -24,7 +24,7 @@ from zreward.deploy.engine import Scoring  # noqa: E402
 from zreward.deploy.model_folder import load_model_folder  # noqa: E402
 from zreward.deploy.serve import BackgroundServer  # noqa: E402
 from zreward.deploy.service import ServeSettings, create_app  # noqa: E402
-from zreward.rubric import DIMENSIONS  # noqa: E402
+from zreward.scoring.rubric import DIMENSIONS  # noqa: E402
 
 TOKEN = "adapter-token"
 

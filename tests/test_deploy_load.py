@@ -5,13 +5,13 @@ import torch
 pytest.importorskip("fastapi", reason="zreward serve needs the [serve] extra (fastapi, uvicorn, httpx)")
 
 from benchmarks.serve_load import closed_loop, encode_bodies, fault_checks, read_metrics, summarize  # noqa: E402
-from zreward.demo import STUDENT_CONFIG, build_scorer  # noqa: E402
 from zreward.deploy.serve import BackgroundServer  # noqa: E402
 from zreward.deploy.service import ServeSettings, create_app  # noqa: E402
+from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer# noqa: E402
 
 
 def test_load_and_faults_lose_no_request():
-    scorer = build_scorer(2, STUDENT_CONFIG, torch.device("cpu"))
+    scorer = tiny_scorer(2, STUDENT_CONFIG, torch.device("cpu"))
     settings = ServeSettings(max_batch=8, max_wait_ms=5, max_queue_images=16, max_request_images=4,
                              max_request_bytes=2**20)
     with BackgroundServer(create_app(scorer, settings)) as server:

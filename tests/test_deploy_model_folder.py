@@ -5,18 +5,19 @@ import json
 import pytest
 import torch
 
-from zreward.demo import STUDENT_CONFIG, DemoConfig, build_scorer, run_demo, student_metrics
 from zreward.deploy.engine import open_scorer
 from zreward.deploy.model_folder import METADATA_FILE, load_model_folder, rubric_version, save_model_folder
 from zreward.evaluate import load_scorer
-from zreward.gdso import GDSOConfig
-from zreward.risd import RISDConfig
-from zreward.synthetic import SyntheticPreferences
+from zreward.experiments.demo import DemoConfig, run_demo, student_metrics
+from zreward.experiments.synthetic import SyntheticPreferences
+from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer
+from zreward.training.gdso import GDSOConfig
+from zreward.training.risd import RISDConfig
 
 
 @pytest.fixture(scope="module")
 def scorer():
-    return build_scorer(3, STUDENT_CONFIG, torch.device("cpu"))
+    return tiny_scorer(3, STUDENT_CONFIG, torch.device("cpu"))
 
 
 @pytest.fixture()

@@ -15,11 +15,11 @@ import zreward.deploy.score as score_module
 from zreward.cli import main
 from zreward.data import load_image
 from tests.deploy_helpers import save_tiny_student
-from zreward.demo import STUDENT_CONFIG, build_scorer
 from zreward.deploy.engine import Scoring, score_images
 from zreward.deploy.model_folder import load_model_folder
 from zreward.deploy.rank import top_k, top_k_path
-from zreward.rubric import DIMENSIONS
+from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer
+from zreward.scoring.rubric import DIMENSIONS
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,8 @@ def test_memory_is_bounded_by_the_batch_not_the_data_set(scorer, tmp_path, monke
 
 def test_scoring_leaves_nothing_behind_that_breaks_training():
     # The ops cache small tensors (score values, token ids); made under inference_mode, autograd would refuse them.
-    score_images(build_scorer(0, STUDENT_CONFIG, torch.device("cpu")), [torch.rand(3, 32, 32)], ["a"], DIMENSIONS)
-    trainee = build_scorer(1, STUDENT_CONFIG, torch.device("cpu"))
+    score_images(tiny_scorer(0, STUDENT_CONFIG, torch.device("cpu")), [torch.rand(3, 32, 32)], ["a"], DIMENSIONS)
+    trainee = tiny_scorer(1, STUDENT_CONFIG, torch.device("cpu"))
     trainee.student_scores(torch.rand(1, 3, 32, 32), ["a"]).mean.sum().backward()
     assert trainee.lm_head_weight().grad is not None
 

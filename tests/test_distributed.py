@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from zreward.checkpoint import load_checkpoint, save_checkpoint
-from zreward.distributed import (DistContext, all_gather_tensors, all_reduce_mean, fsdp_mesh_device, init_distributed,
+from zreward.training.checkpoint import load_checkpoint, save_checkpoint
+from zreward.training.distributed import (DistContext, all_gather_tensors, all_reduce_mean, fsdp_mesh_device, init_distributed,
                                  shard_indices, shutdown_distributed, unwrap_model, wrap_model)
 
 WORLD = 2
@@ -192,11 +192,11 @@ def _risd_worker(rank, out_dir):
 
 
 def _train_risd(rank, out_dir, ctx):
-    from zreward.risd import RISDConfig, RISDTrainer, TeacherCache
-    from zreward.scorer import RewardScorer
-    from zreward.synthetic import SyntheticPreferences
-    from zreward.tiny_models import tiny_qwen35
-    from zreward.vocab import ScoreVocab
+    from zreward.experiments.synthetic import SyntheticPreferences
+    from zreward.experiments.tiny_models import tiny_qwen35
+    from zreward.scoring.scorer import RewardScorer
+    from zreward.scoring.vocab import ScoreVocab
+    from zreward.training.risd import RISDConfig, RISDTrainer, TeacherCache
 
     data = SyntheticPreferences(2, 2, 32, seed=0)
     probs = torch.softmax(torch.randn(len(data), 1, 9, generator=torch.Generator().manual_seed(0)), -1)

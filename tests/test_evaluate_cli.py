@@ -8,7 +8,7 @@ from PIL import Image
 
 from zreward.cli import main
 from zreward.evaluate import format_table
-from zreward.tiny_models import tiny_qwen35
+from zreward.experiments.tiny_models import tiny_qwen35
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
-"""zreward.gated_delta: the chunked PyTorch gated delta rule against the token-by-token reference, continuation
+"""zreward.scoring.gated_delta: the chunked PyTorch gated delta rule against the token-by-token reference, continuation
 from a start state, and the choice between fla and PyTorch."""
 import pytest
 import torch
 
-from zreward import gated_delta
-from zreward.gated_delta import chunk_gated_delta_rule, gated_delta_rule, recurrent_gated_delta_rule
+from zreward.scoring import gated_delta
+from zreward.scoring.gated_delta import chunk_gated_delta_rule, gated_delta_rule, recurrent_gated_delta_rule
 
 
 def _inputs(batch, length, heads, value_heads, dk, dv, dtype=torch.float32, seed=0, start=True):

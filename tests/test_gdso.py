@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import zr_kernels
-from zreward.gdso import (GDSOConfig, GDSOTrainer, completion_layout, gdso_loss, gdso_rewards_and_advantages,
+from zreward.training.gdso import (GDSOConfig, GDSOTrainer, completion_layout, gdso_loss, gdso_rewards_and_advantages,
                           grpo_surrogate, k3_kl, parsed_scores, policy_loss, token_logprobs)
 
 
@@ -153,10 +153,10 @@ def test_completion_layout_compacts_reasoning_tokens():
 
 @pytest.fixture(scope="module")
 def tiny_teacher():
-    from zreward.scorer import RewardScorer
-    from zreward.synthetic import SyntheticPreferences
-    from zreward.tiny_models import tiny_qwen35
-    from zreward.vocab import ScoreVocab
+    from zreward.experiments.synthetic import SyntheticPreferences
+    from zreward.experiments.tiny_models import tiny_qwen35
+    from zreward.scoring.scorer import RewardScorer
+    from zreward.scoring.vocab import ScoreVocab
 
     def build():
         model, processor = tiny_qwen35(seed=0, layer_types=["full_attention"] * 2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from zreward.image_processing import num_image_tokens, preprocess_images, qwen_image_processor, target_size
+from zreward.scoring.image_processing import num_image_tokens, preprocess_images, qwen_image_processor, target_size
 
 
 def _processor(**overrides):

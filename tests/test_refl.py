@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from zreward.cli import main as cli_main
-from zreward.refl import (AGGREGATORS, ReFLConfig, ReFLTrainer, ZImageAdapter, build_adapter, build_scorer,
-                          check_grad_steps, get_aggregator, minimum, pick_grad_start, register_aggregator,
-                          require_diffusers, sample_images, soft_min, student_reward_fn, tiny_zimage_pipeline,
-                          weighted_mean)
-from zreward.rubric import DIMENSIONS
+from zreward.experiments.tiny_models import tiny_zimage_pipeline
+from zreward.refl import (AGGREGATORS, ReFLConfig, ReFLTrainer, ZImageAdapter, build_adapter, check_grad_steps,
+                          frozen_scorer, get_aggregator, minimum, pick_grad_start, register_aggregator,
+                          require_diffusers, sample_images, soft_min, student_reward_fn, weighted_mean)
+from zreward.scoring.rubric import DIMENSIONS
 
 PROMPTS = ["a red cube on a table", "two cats on a sofa", "a blue car in the rain"]
 
@@ -115,7 +115,7 @@ def test_checkpointing_gives_the_same_gradient():
 # -- the gradient reaches the generator only --------------------------------------------------------------------
 def test_gradient_reaches_lora_only_through_frozen_scorer_vae_and_text_encoder():
     config = tiny_config(random_start=False)
-    adapter, scorer = build_adapter(config), build_scorer(config)
+    adapter, scorer = build_adapter(config), frozen_scorer(config)
     trainer = ReFLTrainer(adapter, student_reward_fn(scorer, config.dimensions), config)
     loss, rewards, _ = trainer.loss(PROMPTS[:2], torch.Generator().manual_seed(0))
     assert rewards.shape == (2, len(DIMENSIONS))

@@ -6,11 +6,11 @@ import torch
 from safetensors.torch import load_file
 
 import zr_kernels
-from zreward.risd import CACHE_INDEX, CACHE_TENSORS, RISDConfig, RISDTrainer, TeacherCache
-from zreward.scorer import RewardScorer
-from zreward.synthetic import SyntheticPreferences
-from zreward.tiny_models import tiny_qwen35
-from zreward.vocab import ScoreVocab
+from zreward.experiments.synthetic import SyntheticPreferences
+from zreward.experiments.tiny_models import tiny_qwen35
+from zreward.scoring.scorer import RewardScorer
+from zreward.scoring.vocab import ScoreVocab
+from zreward.training.risd import CACHE_INDEX, CACHE_TENSORS, RISDConfig, RISDTrainer, TeacherCache
 
 
 def _scorer(seed):

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from zr_kernels import reference
-from zreward.rubric import DIMENSIONS
-from zreward.scorer import RewardScorer
-from zreward.tiny_models import tiny_qwen3_vl, tiny_qwen35
-from zreward.vocab import ScoreVocab
+from zreward.experiments.tiny_models import tiny_qwen3_vl, tiny_qwen35
+from zreward.scoring.rubric import DIMENSIONS
+from zreward.scoring.scorer import RewardScorer
+from zreward.scoring.vocab import ScoreVocab
 
 PROMPTS = ["a cat", "two red apples on a wooden table"]
 
@@ -36,8 +36,8 @@ def qwen3_vl_scorer():
 
 @pytest.mark.parametrize("which", ["scorer", "qwen3_vl_scorer"])
 def test_student_scores_equal_full_logits_reference(which, request):
-    from zreward.image_processing import preprocess_images
-    from zreward.rubric import chat_prompt
+    from zreward.scoring.image_processing import preprocess_images
+    from zreward.scoring.rubric import chat_prompt
 
     scorer = request.getfixturevalue(which)
     images = _images()

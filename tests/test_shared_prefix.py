@@ -1,4 +1,4 @@
-"""Shared image encoding and shared prompt prefix (zreward.shared_prefix) against every prompt run on its own.
+"""Shared image encoding and shared prompt prefix (zreward.scoring.shared_prefix) against every prompt run on its own.
 
 The reference is plain transformers: one ``model(...)`` call per (image, dimension) row, without padding, full
 logits at the last position, ``zr_kernels.reference.score_distribution``. Scores and pixel gradients must agree
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from zr_kernels import reference
-from zreward.image_processing import preprocess_images
-from zreward.rubric import DIMENSIONS, chat_prompt
-from zreward.scorer import RewardScorer
-from zreward.shared_prefix import shared_prefix_hidden, split_rows
-from zreward.tiny_models import tiny_qwen3_vl, tiny_qwen35
-from zreward.vocab import ScoreVocab
+from zreward.experiments.tiny_models import tiny_qwen3_vl, tiny_qwen35
+from zreward.scoring.image_processing import preprocess_images
+from zreward.scoring.rubric import DIMENSIONS, chat_prompt
+from zreward.scoring.scorer import RewardScorer
+from zreward.scoring.shared_prefix import shared_prefix_hidden, split_rows
+from zreward.scoring.vocab import ScoreVocab
 
 PROMPTS = ["a cat", "two red apples on a wooden table"]
 # Three gated-delta-net layers and one attention layer, grouped values, patch 8: 128 px images give 64

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from zreward.rubric import DIMENSIONS
-from zreward.synthetic import MAX_LEVEL, SyntheticPreferences, level_to_score, render
+from zreward.experiments.synthetic import MAX_LEVEL, SyntheticPreferences, level_to_score, render
+from zreward.scoring.rubric import DIMENSIONS
 
 
 def test_same_seed_same_data_and_grid_scores():

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from zreward import rubric
-from zreward.tiny_models import tiny_tokenizer
-from zreward.vocab import DEFAULT_SCORE_TEXTS, DEFAULT_VALUES, ScoreVocab
+from zreward.scoring import rubric
+from zreward.experiments.tiny_models import tiny_tokenizer
+from zreward.scoring.vocab import DEFAULT_SCORE_TEXTS, DEFAULT_VALUES, ScoreVocab
 
 
 @pytest.fixture(scope="module")

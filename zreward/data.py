@@ -8,7 +8,7 @@ One JSON object per line (blank lines are skipped)::
 
 - ``prompt``: the generation prompt (non-empty string).
 - ``image``: path to the image, relative to the JSONL file's folder or absolute; the file must exist.
-- ``dimension``: one of ``zreward.rubric.DIMENSIONS``.
+- ``dimension``: one of ``zreward.scoring.rubric.DIMENSIONS``.
 - exactly one of ``score`` (one annotation) or ``scores`` (several annotators), each on the half-point grid
   1.0, 1.5, ..., 5.0.
 - ``split`` (optional, default ``"train"``): ``"train"``, ``"val"`` or ``"test"``.
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from zreward.metrics import non_tied_pairs
-from zreward.rubric import DIMENSIONS
+from zreward.scoring.rubric import DIMENSIONS
 
 SPLITS = ("train", "val", "test")
 SCORE_MIN, SCORE_MAX, SCORE_STEP = 1.0, 5.0, 0.5

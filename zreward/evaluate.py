@@ -18,7 +18,7 @@ from tqdm import tqdm
 from zreward.data import Annotation, by_dimension, load_annotations, load_image
 from zreward.deploy.model_folder import load_model_folder
 from zreward.metrics import reward_metrics
-from zreward.scorer import RewardScorer
+from zreward.scoring.scorer import RewardScorer
 
 COLUMNS = ("n", "pairs", "plcc", "srcc", "hpa", "margin_hpa")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from zr_kernels import ScoreDist
 from zreward.deploy.engine import Scoring, score_images
 from zreward.deploy.images import to_float_chw
-from zreward.rubric import DIMENSIONS
+from zreward.scoring.rubric import DIMENSIONS
 
 
 class QueueFull(RuntimeError):

@@ -19,10 +19,10 @@ import torch
 
 from zr_kernels import ScoreDist
 from zreward.deploy.model_folder import load_model_folder
-from zreward.image_processing import target_size
 from zreward.refl.aggregation import get_aggregator
-from zreward.rubric import DIMENSIONS
-from zreward.scorer import RewardScorer
+from zreward.scoring.image_processing import target_size
+from zreward.scoring.rubric import DIMENSIONS
+from zreward.scoring.scorer import RewardScorer
 
 ENGINES = ("hf", "vllm")
 

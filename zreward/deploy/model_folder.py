@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from zreward.checkpoint import move_into_place
-from zreward.distributed import unwrap_model
-from zreward.rubric import ANSWER_PREFIX, DIMENSIONS, instruction
-from zreward.scorer import ATTN_IMPLEMENTATIONS, RewardScorer, ScoringProcessor
-from zreward.vocab import ScoreVocab
+from zreward.scoring.rubric import ANSWER_PREFIX, DIMENSIONS, instruction
+from zreward.scoring.scorer import ATTN_IMPLEMENTATIONS, RewardScorer, ScoringProcessor
+from zreward.scoring.vocab import ScoreVocab
+from zreward.training.checkpoint import move_into_place
+from zreward.training.distributed import unwrap_model
 
 METADATA_FILE = "zreward_model.json"
 FORMAT_VERSION = 1

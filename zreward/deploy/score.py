@@ -31,8 +31,8 @@ from zreward.data import jsonl_values, load_image
 from zreward.deploy.engine import ENGINES, Scoring, check_image, open_scorer, score_images
 from zreward.deploy.model_folder import DTYPES
 from zreward.deploy.rank import read_score_lines, top_k_path, write_top_k
-from zreward.rubric import DIMENSIONS
-from zreward.scorer import ATTN_IMPLEMENTATIONS
+from zreward.scoring.rubric import DIMENSIONS
+from zreward.scoring.scorer import ATTN_IMPLEMENTATIONS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_PENDING_BATCHES = 4  # images of several sizes wait in separate batches; past this many, the fullest is scored

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from zreward.deploy.engine import Scoring
 from zreward.deploy.score import add_scoring_arguments, scorer_from_args
-from zreward.rubric import DIMENSIONS
+from zreward.scoring.rubric import DIMENSIONS
 
 TOKEN_ENV = "ZREWARD_SERVE_TOKEN"
 DEFAULT_PORT = 8321

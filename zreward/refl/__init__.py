@@ -18,9 +18,8 @@ _EXPORTS = {
     "aggregation": ("AGGREGATORS", "get_aggregator", "minimum", "register_aggregator", "soft_min", "weighted_mean"),
     "cli": ("plot_reward_curves", "read_log", "train"),
     "config": ("ReFLConfig",),
-    "models": ("build_adapter", "build_scorer", "student_reward_fn"),
+    "models": ("build_adapter", "frozen_scorer", "student_reward_fn"),
     "sampling": ("check_grad_steps", "denoise", "pick_grad_start", "sample_images"),
-    "tiny": ("tiny_zimage_pipeline",),
     "trainer": ("ReFLTrainer", "TrainableParameters", "prepare_generator"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

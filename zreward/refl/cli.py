@@ -42,14 +42,14 @@ def train(config: ReFLConfig, resume: bool = False) -> ReFLTrainer:
     """Run (or resume) a ReFL training from ``config``; returns the trainer at the end."""
     from tqdm.auto import tqdm
 
-    from zreward.checkpoint import checkpoint_name, latest_checkpoint, write_json_atomic
-    from zreward.refl.models import build_adapter, build_scorer, student_reward_fn
+    from zreward.refl.models import build_adapter, frozen_scorer, student_reward_fn
     from zreward.refl.trainer import ReFLTrainer
+    from zreward.training.checkpoint import checkpoint_name, latest_checkpoint, write_json_atomic
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config.to_dict(), out / "config.json")
-    trainer = ReFLTrainer(build_adapter(config), student_reward_fn(build_scorer(config), config.dimensions), config)
+    trainer = ReFLTrainer(build_adapter(config), student_reward_fn(frozen_scorer(config), config.dimensions), config)
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
     if checkpoint is not None:
         trainer.load(checkpoint)

@@ -9,7 +9,7 @@ from pathlib import Path
 from zreward.refl.adapters import ADAPTERS
 from zreward.refl.aggregation import get_aggregator
 from zreward.refl.sampling import check_grad_steps
-from zreward.rubric import DIMENSIONS
+from zreward.scoring.rubric import DIMENSIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
 

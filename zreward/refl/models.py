@@ -5,9 +5,9 @@ from collections.abc import Sequence
 
 import torch
 
+from zreward.experiments.tiny_models import tiny_zimage_pipeline
 from zreward.refl.adapters import ADAPTERS, FlowMatchAdapter
 from zreward.refl.config import ReFLConfig
-from zreward.refl.tiny import tiny_zimage_pipeline
 
 
 def student_reward_fn(scorer, dimensions: Sequence[str]):
@@ -35,14 +35,14 @@ def build_adapter(config: ReFLConfig) -> FlowMatchAdapter:
     return adapter_cls.from_pretrained(config.model_path, torch_dtype=dtype, device=device, **kwargs)
 
 
-def build_scorer(config: ReFLConfig):
+def frozen_scorer(config: ReFLConfig):
     """The frozen student ``RewardScorer`` (tiny random weights with ``tiny = true``)."""
-    from zreward.scorer import RewardScorer, ScoringProcessor
-    from zreward.vocab import ScoreVocab
+    from zreward.scoring.scorer import RewardScorer, ScoringProcessor
+    from zreward.scoring.vocab import ScoreVocab
 
     dtype, device = getattr(torch, config.dtype), resolve_device(config)
     if config.tiny:
-        from zreward.tiny_models import tiny_qwen35
+        from zreward.experiments.tiny_models import tiny_qwen35
 
         model, processor = tiny_qwen35(seed=config.seed + 1)
     else:

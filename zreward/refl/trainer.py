@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zreward.checkpoint import load_checkpoint, save_checkpoint
 from zreward.refl.adapters import FlowMatchAdapter
 from zreward.refl.aggregation import get_aggregator
 from zreward.refl.config import ReFLConfig
 from zreward.refl.sampling import pick_grad_start, sample_images
+from zreward.training.checkpoint import load_checkpoint, save_checkpoint
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
@@ -131,7 +131,7 @@ class ReFLTrainer:
         return result
 
     def save(self, path) -> Path:
-        """Checkpoint (trainable weights, optimizer, step; ``zreward.checkpoint`` layout) plus, for LoRA, the
+        """Checkpoint (trainable weights, optimizer, step; ``zreward.training.checkpoint`` layout) plus, for LoRA, the
         adapter in the pipeline's own LoRA format under ``<path>/lora``."""
         path = save_checkpoint(path, self.trainable, self.optimizer,
                                state={"step": self.step, "config": self.config.to_dict()})

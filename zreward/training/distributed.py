@@ -81,7 +81,7 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, strategy: str = "ddp") 
 
     ``"ddp"``: ``DistributedDataParallel`` (gradients all-reduced in backward). ``"fsdp2"``: ``fully_shard``
     applied to every decoder/vision block that has parameters of its own, then to the root (parameters become
-    sharded DTensors; use :mod:`zreward.checkpoint`, which saves full state dicts). ``"none"``, or a single
+    sharded DTensors; use :mod:`zreward.training.checkpoint`, which saves full state dicts). ``"none"``, or a single
     process: the model unchanged.
     """
     if strategy not in STRATEGIES:

@@ -13,7 +13,7 @@ Loss pieces work on plain tensors, so they drop into any trainer:
 The paper's baselines are settings of the same trainer: GRPO is ``alpha_pt = alpha_pw = 0`` (optionally with
 ``reward_source="parsed"``), SFT on the score token is ``policy_weight = alpha_pw = 0``.
 
-:class:`GDSOTrainer` runs Algorithm 1 on a :class:`~zreward.scorer.RewardScorer` teacher.
+:class:`GDSOTrainer` runs Algorithm 1 on a :class:`~zreward.scoring.scorer.RewardScorer` teacher.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import zr_kernels
-from zreward.checkpoint import load_checkpoint, save_checkpoint
-from zreward.distributed import (DistContext, all_reduce_gradients, all_reduce_mean, broadcast_parameters,
+from zreward.training.checkpoint import load_checkpoint, save_checkpoint
+from zreward.training.distributed import (DistContext, all_reduce_gradients, all_reduce_mean, broadcast_parameters,
                                  shard_indices, unwrap_model)
 
 AGGREGATIONS = ("sequence", "token")
@@ -245,7 +245,7 @@ def gdso_loss(policy: torch.Tensor, policy_stats: SurrogateStats, mu: torch.Tens
 
 class TrainerBase(abc.ABC):
     """What both trainers share: AdamW over the trainable parameters, rank-averaged gradients with clipping,
-    a resumable step counter and data order, and checkpoints through :mod:`zreward.checkpoint`."""
+    a resumable step counter and data order, and checkpoints through :mod:`zreward.training.checkpoint`."""
 
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, max_grad_norm: float, seed: int,
                  ctx: DistContext | None):
@@ -309,9 +309,9 @@ class TrainerBase(abc.ABC):
 
 
 class GDSOTrainer(TrainerBase):
-    """Algorithm 1 on a teacher :class:`~zreward.scorer.RewardScorer`.
+    """Algorithm 1 on a teacher :class:`~zreward.scoring.scorer.RewardScorer`.
 
-    ``pairs``: a sequence of :class:`~zreward.synthetic.PreferencePair`-like records (``winner``, ``loser``,
+    ``pairs``: a sequence of :class:`~zreward.experiments.synthetic.PreferencePair`-like records (``winner``, ``loser``,
     ``dimension``, ``score_w``, ``score_l``) indexing ``data``, which provides ``images(indices)`` and
     ``prompts(indices)``. Each batch holds P pairs of one dimension (the rubric is part of the prompt); the
     reference policy is re-copied from the policy every ``steps_per_iteration`` steps and frozen.

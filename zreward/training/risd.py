@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 import zr_kernels
-from zreward.checkpoint import save_tensors_atomic, write_json_atomic
-from zreward.distributed import DistContext, all_reduce_mean
-from zreward.gdso import TrainerBase
-from zreward.rubric import DIMENSIONS
+from zreward.scoring.rubric import DIMENSIONS
+from zreward.training.checkpoint import save_tensors_atomic, write_json_atomic
+from zreward.training.distributed import DistContext, all_reduce_mean
+from zreward.training.gdso import TrainerBase
 
 CACHE_TENSORS = "teacher_cache.safetensors"
 CACHE_INDEX = "teacher_cache.json"
@@ -74,7 +74,7 @@ class TeacherCache:
     @classmethod
     def from_human_scores(cls, data, vocab, dimensions=DIMENSIONS) -> "TeacherCache":
         """One-hot targets at the annotated bins of ``data`` (``scores(indices, dimension)`` as in
-        :class:`~zreward.synthetic.SyntheticPreferences`) instead of a teacher's distributions.
+        :class:`~zreward.experiments.synthetic.SyntheticPreferences`) instead of a teacher's distributions.
 
         KL(one-hot || q_phi) is ``-log q_phi(annotated bin)``, so :class:`RISDTrainer` on this cache is SFT of the
         student on the human scores alone: the paper's no-teacher baseline (Table 3), on the same code path.
@@ -118,7 +118,7 @@ class TeacherCache:
 
 
 class RISDTrainer(TrainerBase):
-    """Algorithm 2: the student :class:`~zreward.scorer.RewardScorer` regresses the cached teacher distributions.
+    """Algorithm 2: the student :class:`~zreward.scoring.scorer.RewardScorer` regresses the cached teacher distributions.
 
     Each step scores ``batch_size`` images of this rank's shard on every cached dimension in one forward pass
     (``student_scores``) and minimises the batch-mean KL(q_T || q_phi) of Eq. 15 with ``zr_kernels.slice_kl``.

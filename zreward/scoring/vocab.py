@@ -3,7 +3,7 @@
 Qwen tokenizers split numbers into single digits and ``"1.5"`` into three tokens, so the default score
 texts are the nine digits ``"1"`` .. ``"9"`` of a 1-9 scale, mapped to the nine half-point bins
 1.0, 1.5, ..., 5.0 of the annotation scale (digit ``n`` <-> value ``(n + 1) / 2``). The rubric prompt
-states that mapping (see ``zreward.rubric``). A leading space makes a different token (``" 4"`` is two
+states that mapping (see ``zreward.scoring.rubric``). A leading space makes a different token (``" 4"`` is two
 tokens in Qwen vocabularies), which is why the answer prefix ends with the space itself.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``zreward demo``: the whole Z-Reward recipe on synthetic data, end to end, in minutes on a CPU.
 
-1. Synthetic text-to-image preferences (``zreward.synthetic``): shape/colour/count prompts, images with
+1. Synthetic text-to-image preferences (``zreward.experiments.synthetic``): shape/colour/count prompts, images with
    controlled alignment, realism, aesthetics and plausibility defects, half-point scores from the defects.
 2. GDSO (Algorithm 1) trains a tiny random-init Qwen3.5 teacher on same-prompt pairs with G sampled
    reasoning outputs per candidate.
@@ -23,19 +23,15 @@ from pathlib import Path
 import torch
 
 from zreward.deploy.model_folder import save_model_folder
-from zreward.gdso import GDSOConfig, GDSOTrainer, teacher_expected_scores
+from zreward.experiments.synthetic import SyntheticPreferences
+from zreward.experiments.tiny_models import STUDENT_CONFIG, TEACHER_CONFIG, tiny_scorer
 from zreward.metrics import reward_metrics
-from zreward.risd import RISDConfig, RISDTrainer, TeacherCache
-from zreward.rubric import DIMENSIONS
-from zreward.scorer import RewardScorer
-from zreward.synthetic import SyntheticPreferences
-from zreward.tiny_models import tiny_qwen35
-from zreward.vocab import ScoreVocab
+from zreward.scoring.rubric import DIMENSIONS
+from zreward.scoring.scorer import RewardScorer
+from zreward.scoring.vocab import ScoreVocab
+from zreward.training.gdso import GDSOConfig, GDSOTrainer, teacher_expected_scores
+from zreward.training.risd import RISDConfig, RISDTrainer, TeacherCache
 
-# Teacher a bit bigger than the student; both full-attention-only so the CPU run avoids the slow reference
-# path of the gated-delta (linear-attention) layers.
-TEACHER_CONFIG = {"hidden_size": 48, "intermediate_size": 96, "layer_types": ["full_attention"] * 2}
-STUDENT_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "layer_types": ["full_attention"] * 2}
 
 
 @dataclass
@@ -46,7 +42,7 @@ class DemoConfig:
     eval_prompts: int = 12
     candidates: int = 3
     image_size: int = 128           # 16 visual tokens per image (the tiny processor's maximum)
-    spread: int | None = 1          # correlated defects (see zreward.synthetic)
+    spread: int | None = 1          # correlated defects (see zreward.experiments.synthetic)
     seed: int = 0
     device: str = "cpu"
     output_dir: str = "zreward-demo"
@@ -93,8 +89,8 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     log(f"data: {len(train)} train images ({len(pairs)} same-prompt pairs over {len(DIMENSIONS)} dimensions), "
         f"{len(held_out)} held-out images")
 
-    teacher = build_scorer(config.seed, TEACHER_CONFIG, device)
-    student = build_scorer(config.seed + 1, STUDENT_CONFIG, device)
+    teacher = tiny_scorer(config.seed, TEACHER_CONFIG, device)
+    student = tiny_scorer(config.seed + 1, STUDENT_CONFIG, device)
     log(f"teacher {_count(teacher.model) / 1e6:.2f}M params, student {_count(student.model) / 1e6:.2f}M params")
 
     def evaluate_teacher():
@@ -134,12 +130,6 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     _plot(summary, out / "training_curves.png")
     log(f"wrote {out / 'summary.json'} and {out / 'training_curves.png'} in {summary['runtime_s']} s")
     return summary
-
-
-def build_scorer(seed: int, overrides: dict, device: torch.device) -> RewardScorer:
-    """A tiny random-init Qwen3.5 (``TEACHER_CONFIG`` or ``STUDENT_CONFIG`` overrides) as a scorer."""
-    model, processor = tiny_qwen35(seed=seed, **overrides)
-    return RewardScorer(model.to(device), processor, ScoreVocab.from_tokenizer(processor.tokenizer))
 
 
 @torch.no_grad()

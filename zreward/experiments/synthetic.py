@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zreward.rubric import DIMENSIONS
+from zreward.scoring.rubric import DIMENSIONS
 
 COLOURS = {
     "red": (0.90, 0.12, 0.10), "green": (0.10, 0.72, 0.20), "blue": (0.12, 0.30, 0.92),

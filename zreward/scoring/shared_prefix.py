@@ -15,7 +15,7 @@ The layers' own modules compute everything (norms, projections, attention, MLP);
 transformers' cache-based continuation would, for three reasons: its caches write states in place, which
 autograd rejects once the same state was saved for backward; their interface differs between transformers
 5.17 and 5.23; and a linear-attention layer must be able to use the PyTorch gated delta rule where fla cannot run
-the backward (``zreward.gated_delta``), while transformers fixes that choice at import time.
+the backward (``zreward.scoring.gated_delta``), while transformers fixes that choice at import time.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
-from zreward.gated_delta import gated_delta_rule
+from zreward.scoring.gated_delta import gated_delta_rule
 
 # What this file reads of a Qwen3.5 gated-delta-net layer (the same in transformers 5.17 to 5.23).
 DELTA_NET_PARTS = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "conv1d", "A_log", "dt_bias", "norm",

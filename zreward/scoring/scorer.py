@@ -1,7 +1,7 @@
 """Score-distribution reward model on a Qwen-VL checkpoint (Qwen3.5, Qwen3-VL, Qwen2.5-VL via transformers).
 
 Student mode (Eq. 16): ``B x len(dimensions)`` chat prompts that end with the answer prefix, with each image
-encoded once and each image's common prompt prefix run once (``zreward.shared_prefix``); only the last
+encoded once and each image's common prompt prefix run once (``zreward.scoring.shared_prefix``); only the last
 position's hidden state is used, and the K score logits come from the LM-head rows of the score tokens through
 ``zr_kernels.linear_score`` (no full-vocabulary logits anywhere).
 Teacher mode (Eq. 5-6): ``G`` sampled reasoning outputs per image, the answer prefix appended after each, the
@@ -19,10 +19,10 @@ import torch
 import zr_kernels
 from zr_kernels import ScoreDist
 from zr_kernels._validation import as_token_ids, check_choice, check_positive_float
-from zreward.image_processing import num_image_tokens, preprocess_images
-from zreward.rubric import ANSWER_PREFIX, DIMENSIONS, chat_prompt, check_dimension
-from zreward.shared_prefix import check_supported, shared_prefix_hidden, split_rows
-from zreward.vocab import ScoreVocab
+from zreward.scoring.image_processing import num_image_tokens, preprocess_images
+from zreward.scoring.rubric import ANSWER_PREFIX, DIMENSIONS, chat_prompt, check_dimension
+from zreward.scoring.shared_prefix import check_supported, shared_prefix_hidden, split_rows
+from zreward.scoring.vocab import ScoreVocab
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 

@@ -2,7 +2,7 @@
 
 Every prompt ends with ``ANSWER_PREFIX``: the token after it is the score token, so the score
 distribution is read at the last position of the prompt (student) or of prompt + reasoning + prefix
-(teacher). The 1-9 digit scale of ``zreward.vocab`` is spelled out in the prompt: odd digits are the
+(teacher). The 1-9 digit scale of ``zreward.scoring.vocab`` is spelled out in the prompt: odd digits are the
 five rubric anchors, even digits the half-points between them.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def instruction(prompt: str, dimension: str, *, reasoning: bool = False) -> str:
 
     With ``reasoning`` the model is asked to think first and finish with ``ANSWER_PREFIX`` + digit
     (the teacher); without, to answer directly (the student). Everything before the rubric is the same for an
-    image's four dimensions, so a scorer computes it once per image (``zreward.shared_prefix``).
+    image's four dimensions, so a scorer computes it once per image (``zreward.scoring.shared_prefix``).
     """
     name = DIMENSION_NAMES[check_dimension(dimension)]
     how = (f"Reason step by step about the image, then finish with a line '{ANSWER_PREFIX}<digit>'."

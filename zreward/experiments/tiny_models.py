@@ -1,4 +1,5 @@
-"""Tiny random-weight Qwen-VL reward models built offline from configs (tests, demo, benchmarks).
+"""Tiny random-weight models built offline from configs (tests, demo, benchmarks, ``tiny = true`` runs): Qwen-VL
+reward models and a Z-Image pipeline.
 
 The tokenizer is a byte-level BPE trained here, in milliseconds, on the rubric prompts, with the Qwen
 pre-tokenizer (digits split one by one, so the score digits are single tokens as in real Qwen
@@ -11,15 +12,21 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast, Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
-from zreward.image_processing import qwen_image_processor
-from zreward.rubric import ANSWER_PREFIX, DIMENSIONS, instruction
-from zreward.scorer import ScoringProcessor
+from zreward.scoring.image_processing import qwen_image_processor
+from zreward.scoring.rubric import ANSWER_PREFIX, DIMENSIONS, instruction
+from zreward.scoring.scorer import RewardScorer, ScoringProcessor
+from zreward.scoring.vocab import ScoreVocab
 
 # The Qwen2/3/3.5 pre-tokenization pattern: digits (\p{N}) are always split into single characters.
 QWEN_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+# The demo's teacher is a bit bigger than its student; both full-attention-only so that CPU runs avoid the slow
+# reference path of the gated-delta (linear-attention) layers.
+TEACHER_CONFIG = {"hidden_size": 48, "intermediate_size": 96, "layer_types": ["full_attention"] * 2}
+STUDENT_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "layer_types": ["full_attention"] * 2}
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>", "<think>", "</think>")
 
@@ -135,3 +142,42 @@ def _seeded_model(model_class, config, seed: int, ids: dict):
     model.generation_config.pad_token_id = ids["endoftext"]
     model.generation_config.eos_token_id = [ids["im_end"], ids["endoftext"]]
     return model.eval()
+
+
+def tiny_scorer(seed: int, overrides: dict, device: torch.device | str = "cpu") -> RewardScorer:
+    """A tiny random-init Qwen3.5 (``TEACHER_CONFIG``, ``STUDENT_CONFIG`` or other config overrides) as a scorer."""
+    model, processor = tiny_qwen35(seed=seed, **overrides)
+    return RewardScorer(model.to(device), processor, ScoreVocab.from_tokenizer(processor.tokenizer))
+
+
+def tiny_zimage_pipeline(seed: int = 0, dim: int = 32, n_layers: int = 2, text_dim: int = 32, latent_channels: int = 4):
+    """A ``ZImagePipeline`` with random weights: VAE downsampling 4x (images must be multiples of 8 pixels).
+
+    Same classes as the released model (``ZImageTransformer2DModel``, ``AutoencoderKL`` with a shift factor, a
+    Qwen3 text encoder with the chat-template tokenizer below, ``FlowMatchEulerDiscreteScheduler``), a few
+    thousand times smaller.
+    """
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zreward.refl.adapters import require_diffusers
+
+    diffusers = require_diffusers("ZImagePipeline")
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = Qwen3Model(Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512))
+        head_dim, axis = dim // 2, 3 * dim // 16  # the rotary axes (frame, height, width) add up to the head dim
+        transformer = diffusers.ZImageTransformer2DModel(
+            in_channels=latent_channels, dim=dim, n_layers=n_layers, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+            cap_feat_dim=text_dim, axes_dims=[head_dim - 2 * axis, axis, axis],
+            axes_lens=[512, 64, 64])
+        vae = diffusers.AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8), layers_per_block=1,
+            latent_channels=latent_channels, norm_num_groups=4, sample_size=32, scaling_factor=0.5, shift_factor=0.1)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0,
+                                                               use_dynamic_shifting=False)
+    return diffusers.ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder.eval(),
+                                    tokenizer=tokenizer, transformer=transformer)

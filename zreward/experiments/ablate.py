@@ -5,8 +5,8 @@
 * Fig. 4: GDSO with rewards from the score distribution's expectation vs from the parsed score.
 * Student (Table 3): RISD (KL to the cached GDSO teacher, Eq. 15) vs SFT on the human scores alone.
 
-Every teacher arm is :class:`~zreward.gdso.GDSOTrainer` with other weights or reward source; both student arms
-are :class:`~zreward.risd.RISDTrainer`, the SFT one on one-hot human targets (see :mod:`zreward.ablate_arms`).
+Every teacher arm is :class:`~zreward.training.gdso.GDSOTrainer` with other weights or reward source; both student arms
+are :class:`~zreward.training.risd.RISDTrainer`, the SFT one on one-hot human targets (see :mod:`zreward.experiments.arms`).
 Within a seed all arms see the same data, the same initial model and the same number of optimizer steps and
 rollouts. Writes ``ablation.json`` (every per-seed number, the curves and the training histories),
 ``ablation.md`` and ``ablation.png``.
@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from zreward.ablate_arms import (DESCRIPTIONS, STUDENT_ARMS, TEACHER_ARMS, TEACHER_FOR_RISD, student_sft_task,
+from zreward.experiments.arms import (DESCRIPTIONS, STUDENT_ARMS, TEACHER_ARMS, TEACHER_FOR_RISD, student_sft_task,
                                  teacher_task, zero_shot_task)
-from zreward.ablate_report import summarise, write_plot, write_table
-from zreward.demo import DemoConfig
-from zreward.gdso import GDSOConfig
-from zreward.risd import RISDConfig
+from zreward.experiments.demo import DemoConfig
+from zreward.experiments.report import summarise, write_plot, write_table
+from zreward.training.gdso import GDSOConfig
+from zreward.training.risd import RISDConfig
 
 _DEMO = DemoConfig()
 
@@ -39,7 +39,7 @@ _DEMO = DemoConfig()
 @dataclass
 class AblationConfig:
     """What ``zreward ablate`` runs: seeds 0..seeds-1, the step budget every arm gets, and the demo's data, models
-    and trainer settings (``zreward.demo``) shared by all arms."""
+    and trainer settings (``zreward.experiments.demo``) shared by all arms."""
 
     seeds: int = 3
     # 80 GDSO steps: GDSO's held-out HPA usually rises between steps 50 and 100, but 100 steps for every arm took

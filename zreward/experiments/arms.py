@@ -11,10 +11,11 @@ from dataclasses import replace
 
 import torch
 
-from zreward.demo import STUDENT_CONFIG, TEACHER_CONFIG, build_scorer, student_metrics, teacher_metrics
-from zreward.gdso import GDSOTrainer
-from zreward.risd import RISDTrainer, TeacherCache
-from zreward.synthetic import SyntheticPreferences
+from zreward.experiments.demo import student_metrics, teacher_metrics
+from zreward.experiments.synthetic import SyntheticPreferences
+from zreward.experiments.tiny_models import STUDENT_CONFIG, TEACHER_CONFIG, tiny_scorer
+from zreward.training.gdso import GDSOTrainer
+from zreward.training.risd import RISDTrainer, TeacherCache
 
 # GDSOConfig overrides of each teacher arm: every teacher arm is the GDSO trainer.
 TEACHER_ARMS = {
@@ -50,10 +51,10 @@ class _Seed:
                                              seed=seed + 1, spread=config.spread)
 
     def teacher(self):
-        return build_scorer(self.seed, TEACHER_CONFIG, self.device)
+        return tiny_scorer(self.seed, TEACHER_CONFIG, self.device)
 
     def student(self):
-        return build_scorer(self.seed + 1, STUDENT_CONFIG, self.device)
+        return tiny_scorer(self.seed + 1, STUDENT_CONFIG, self.device)
 
     def teacher_metrics(self, scorer, samples: int) -> dict:
         return teacher_metrics(scorer, self.held_out, self.device, samples, self.config.gdso.max_new_tokens)

@@ -1,0 +1,1 @@
+"""Inference engines for the no-gradient paths (teacher rollouts, student score distributions)."""
