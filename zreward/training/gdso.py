@@ -17,18 +17,16 @@ The paper's baselines are settings of the same trainer: GRPO is ``alpha_pt = alp
 """
 from __future__ import annotations
 
-import abc
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 import zr_kernels
-from zreward.training.checkpoint import load_checkpoint, save_checkpoint
-from zreward.training.distributed import (DistContext, all_reduce_gradients, all_reduce_mean, broadcast_parameters,
-                                 shard_indices, unwrap_model)
+from zreward.training.base import TrainerBase
+from zreward.training.distributed import DistContext, all_reduce_mean, unwrap_model
 
 AGGREGATIONS = ("sequence", "token")
 REWARD_SOURCES = ("expectation", "parsed")
@@ -243,71 +241,6 @@ def gdso_loss(policy: torch.Tensor, policy_stats: SurrogateStats, mu: torch.Tens
                     policy_stats.clip_fraction)
 
 
-class TrainerBase(abc.ABC):
-    """What both trainers share: AdamW over the trainable parameters, rank-averaged gradients with clipping,
-    a resumable step counter and data order, and checkpoints through :mod:`zreward.training.checkpoint`."""
-
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, max_grad_norm: float, seed: int,
-                 ctx: DistContext | None):
-        self.ctx = ctx or DistContext(device=next(model.parameters()).device)
-        self.model = model
-        broadcast_parameters(model)
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                           weight_decay=weight_decay)
-        self.max_grad_norm = max_grad_norm
-        self.seed = seed
-        self.state = {"step": 0, "epoch": 0, "position": 0}
-        self.history: list[dict[str, float]] = []
-
-    def _next_indices(self, num_items: int, per_step: int) -> list[int]:
-        """The next ``per_step`` of this rank's shard of the (seed, epoch) order; a new epoch when it runs out."""
-        order = shard_indices(num_items, self.ctx, self.seed, self.state["epoch"])
-        if len(order) < per_step:
-            raise ValueError(f"each rank needs at least {per_step} items per step, got {len(order)}")
-        if self.state["position"] + per_step > len(order):
-            self.state["epoch"] += 1
-            self.state["position"] = 0
-            order = shard_indices(num_items, self.ctx, self.seed, self.state["epoch"])
-        start = self.state["position"]
-        self.state["position"] += per_step
-        return order[start:start + per_step]
-
-    def _apply(self, loss: torch.Tensor) -> float:
-        """Backward, rank-average, clip, step; returns the pre-clip gradient norm."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        all_reduce_gradients(self.model)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        self.optimizer.step()
-        return float(norm)
-
-    @abc.abstractmethod
-    def default_steps(self) -> int:
-        """How many steps a full run takes, from the trainer's config."""
-
-    @abc.abstractmethod
-    def step(self) -> dict[str, float]:
-        """One optimisation step of the trainer's algorithm; returns its metrics."""
-
-    def train(self, num_steps: int | None = None, log=None) -> list[dict[str, float]]:
-        """Step until ``num_steps`` total steps (default: the config's full run), resuming from the saved count."""
-        total = num_steps if num_steps is not None else self.default_steps()
-        while self.state["step"] < total:
-            metrics = self.step()
-            if log is not None:
-                log(metrics)
-        return self.history
-
-    def save(self, path, extra_models: dict | None = None):
-        state = {"trainer": self.state, "history": self.history, "config": asdict(self.config)}
-        return save_checkpoint(path, self.model, self.optimizer, state, extra_models=extra_models)
-
-    def load(self, path, extra_models: dict | None = None) -> None:
-        state = load_checkpoint(path, self.model, self.optimizer, extra_models=extra_models)
-        self.state, self.history = state["trainer"], state["history"]
-
-
 class GDSOTrainer(TrainerBase):
     """Algorithm 1 on a teacher :class:`~zreward.scoring.scorer.RewardScorer`.
 
@@ -318,14 +251,15 @@ class GDSOTrainer(TrainerBase):
     """
 
     def __init__(self, scorer, data, pairs, config: GDSOConfig | None = None, ctx: DistContext | None = None):
-        self.config = config = config or GDSOConfig()
+        config = config or GDSOConfig()
         if config.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {config.aggregation!r}")
         if config.reward_source not in REWARD_SOURCES:
             raise ValueError(f"reward_source must be one of {REWARD_SOURCES}, got {config.reward_source!r}")
         if not config.policy_weight >= 0:
             raise ValueError(f"policy_weight must be >= 0, got {config.policy_weight!r}")
-        super().__init__(scorer.model, config.lr, config.weight_decay, config.max_grad_norm, config.seed, ctx)
+        super().__init__(scorer.model, config, lr=config.lr, weight_decay=config.weight_decay,
+                         max_grad_norm=config.max_grad_norm, seed=config.seed, ctx=ctx)
         self.scorer, self.data = scorer, data
         vocab = scorer.vocab
         self.score_min, self.score_max = vocab.score_min, vocab.score_max

@@ -15,9 +15,9 @@ import torch
 
 import zr_kernels
 from zreward.scoring.rubric import DIMENSIONS
+from zreward.training.base import TrainerBase
 from zreward.training.checkpoint import save_tensors_atomic, write_json_atomic
 from zreward.training.distributed import DistContext, all_reduce_mean
-from zreward.training.gdso import TrainerBase
 
 CACHE_TENSORS = "teacher_cache.safetensors"
 CACHE_INDEX = "teacher_cache.json"
@@ -126,8 +126,9 @@ class RISDTrainer(TrainerBase):
 
     def __init__(self, student, data, cache: TeacherCache, config: RISDConfig | None = None,
                  ctx: DistContext | None = None):
-        self.config = config = config or RISDConfig()
-        super().__init__(student.model, config.lr, config.weight_decay, config.max_grad_norm, config.seed, ctx)
+        config = config or RISDConfig()
+        super().__init__(student.model, config, lr=config.lr, weight_decay=config.weight_decay,
+                         max_grad_norm=config.max_grad_norm, seed=config.seed, ctx=ctx)
         if len(cache.prompts) != len(data):
             raise ValueError(f"cache covers {len(cache.prompts)} items but data has {len(data)}")
         self.student, self.data, self.cache = student, data, cache
