@@ -2,7 +2,7 @@
 
     python -m benchmarks.trainer_step [--repeats 5] [--output results.json]
 
-``model`` is what the VLM forward saves, ``head`` everything else a step saves (score distribution,
+``model`` is what the VLM's layers save, ``head`` everything else a step saves (score distribution,
 cross-entropy, policy log-probs, distillation loss): the part the fused ops decide. Wall time is the median of
 ``--repeats`` steps after one warm-up step, on whatever device ``--device`` names.
 """
@@ -25,7 +25,10 @@ from zreward.training.risd import RISDTrainer, TeacherCache
 
 def measure(trainer, model: torch.nn.Module, repeats: int) -> dict:
     trainer.step()  # warm-up: kernels specialised, optimizer state allocated
-    saved = SavedBytes(model.parameters(), {"model": model})
+    # Every submodule but the LM head is labelled: the scorer runs parts of the model directly (vision tower,
+    # decoder layers over a shared prefix), so a hook on the top module alone would miss them.
+    body = {f"model:{name}": module for name, module in model.named_modules() if name and "lm_head" not in name}
+    saved = SavedBytes(model.parameters(), body)
     with saved:
         trainer.step()
     times = []
@@ -34,7 +37,8 @@ def measure(trainer, model: torch.nn.Module, repeats: int) -> dict:
         trainer.step()
         times.append(time.perf_counter() - started)
     by_component = saved.by_component
-    return {"saved_model_bytes": by_component.get("model", 0), "saved_head_bytes": by_component.get("other", 0),
+    return {"saved_model_bytes": sum(v for k, v in by_component.items() if k.startswith("model:")),
+            "saved_head_bytes": by_component.get("other", 0),
             "step_ms": round(1e3 * statistics.median(times), 1)}
 
 

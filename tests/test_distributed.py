@@ -222,3 +222,44 @@ def test_risd_trainer_on_two_ranks(tmp_path):
         assert torch.equal(params[0][name], params[1][name]), name
     assert set(reports[0]["seen"]).isdisjoint(reports[1]["seen"]), "ranks must train on different images"
     assert reports[0]["history"][-1]["loss"] == reports[1]["history"][-1]["loss"], "logged loss is rank-averaged"
+
+
+def _refl_worker(rank, out_dir):
+    ctx = _join(rank, out_dir)
+    try:
+        _train_refl(rank, out_dir, ctx)
+    finally:
+        shutdown_distributed()
+
+
+def _train_refl(rank, out_dir, ctx):
+    from test_refl import PROMPTS, contrast_reward, tiny_config
+
+    from zreward.refl import ReFLTrainer, build_adapter
+
+    torch.manual_seed(rank)  # the LoRA init is seeded by the config; anything else rank 0 broadcasts
+    config = tiny_config(prompts=PROMPTS + ["a yellow kite"], batch_size=1)
+    trainer = ReFLTrainer(build_adapter(config), contrast_reward, config, ctx=ctx)
+    seen = []
+    for _ in range(2):
+        seen.append(trainer._next_indices(len(trainer.prompts), 1)[0])
+        trainer.state["position"] -= 1
+        trainer.step()
+    save_file({k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()},
+              os.path.join(out_dir, f"refl{rank}.st"))
+    with open(os.path.join(out_dir, f"refl{rank}.json"), "w") as f:
+        json.dump({"seen": seen, "history": trainer.history}, f)
+
+
+def test_refl_trainer_on_two_ranks(tmp_path):
+    pytest.importorskip("diffusers")
+    mp.spawn(_refl_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    params = [load_file(tmp_path / f"refl{r}.st") for r in range(WORLD)]
+    reports = [json.loads((tmp_path / f"refl{r}.json").read_text()) for r in range(WORLD)]
+    assert params[0], "the LoRA weights are the trained parameters"
+    for name in params[0]:
+        assert torch.equal(params[0][name], params[1][name]), name
+    assert set(reports[0]["seen"]).isdisjoint(reports[1]["seen"]), "ranks must train on different prompts"
+    for a, b in zip(reports[0]["history"], reports[1]["history"]):  # each rank draws its own noise and grad_start
+        assert (a["loss"], a["rewards"], a["grad_norm"]) == (b["loss"], b["rewards"], b["grad_norm"]), \
+            "logged loss and rewards are rank-averaged"

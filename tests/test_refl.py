@@ -17,7 +17,7 @@ PROMPTS = ["a red cube on a table", "two cats on a sofa", "a blue car in the rai
 def tiny_config(**overrides) -> ReFLConfig:
     settings = dict(tiny=True, dtype="float32", device="cpu", prompts=PROMPTS, height=32, width=32,
                     num_inference_steps=2, grad_steps=2, max_sequence_length=64, batch_size=2, lora_rank=4,
-                    lora_alpha=4.0, learning_rate=1e-2, max_steps=2, val_every=1, save_every=2)
+                    lora_alpha=4.0, lr=1e-2, max_steps=2, val_every=1, save_every=2)
     settings.update(overrides)
     return ReFLConfig(**settings)
 
@@ -135,11 +135,11 @@ def test_gradient_reaches_lora_only_through_frozen_scorer_vae_and_text_encoder()
 def test_a_few_steps_raise_the_reward():
     # Fixed seed (LoRA init, noise, prompt draws are all seeded): a deterministic check that the gradient points
     # uphill, not a statistical claim; with 2-prompt batches and fresh noise per step other seeds can dip once.
-    config = tiny_config(val_prompts=PROMPTS[:2], lora_alpha=16.0, learning_rate=1e-2, aggregation="soft_min", seed=0)
+    config = tiny_config(val_prompts=PROMPTS[:2], lora_alpha=16.0, lr=1e-2, aggregation="soft_min", seed=0)
     trainer = ReFLTrainer(build_adapter(config), contrast_reward, config)
     curve = [trainer.validate()["aggregate"]]
     for _ in range(3):
-        trainer.train_step()
+        trainer.step()
         curve.append(trainer.validate()["aggregate"])
     assert all(b > a for a, b in zip(curve, curve[1:])) and curve[-1] > 1.005 * curve[0], curve
 
@@ -147,13 +147,13 @@ def test_a_few_steps_raise_the_reward():
 def test_resume_continues_exactly_and_lora_export_loads_into_the_pipeline(tmp_path):
     config = tiny_config()
     trainer = ReFLTrainer(build_adapter(config), contrast_reward, config)
-    trainer.train_step()
+    trainer.step()
     path = trainer.save(tmp_path / "ckpt")
-    trainer.train_step()
+    trainer.step()
     resumed = ReFLTrainer(build_adapter(config), contrast_reward, config)
     resumed.load(path)
-    assert resumed.step == 1
-    resumed.train_step()
+    assert resumed.step_count == 1
+    resumed.step()
     for a, b in zip(trainer.params, resumed.params):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -204,7 +204,7 @@ max_sequence_length = 64
 batch_size = 2
 lora_rank = 4
 lora_alpha = 4.0
-learning_rate = 1e-3
+lr = 1e-3
 aggregation = "soft_min"
 max_steps = 1
 val_every = 1

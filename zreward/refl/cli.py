@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,49 +38,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(config: ReFLConfig, resume: bool = False) -> ReFLTrainer:
-    """Run (or resume) a ReFL training from ``config``; returns the trainer at the end."""
-    from tqdm.auto import tqdm
-
-    from zreward.refl.models import build_adapter, frozen_scorer, student_reward_fn
+    """Run (or resume) a ReFL training from ``config``; returns the trainer at the end. Under ``torchrun`` every
+    rank runs this; rank 0 writes the log, the plot and the shared checkpoint files."""
+    from zreward.refl.models import build_adapter, frozen_scorer, resolve_device, student_reward_fn
     from zreward.refl.trainer import ReFLTrainer
-    from zreward.training.checkpoint import checkpoint_name, latest_checkpoint, write_json_atomic
+    from zreward.training.checkpoint import write_json_atomic
+    from zreward.training.distributed import init_distributed
 
+    ctx = init_distributed(resolve_device(config))
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(config.to_dict(), out / "config.json")
-    trainer = ReFLTrainer(build_adapter(config), student_reward_fn(frozen_scorer(config), config.dimensions), config)
-    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
-    if checkpoint is not None:
-        trainer.load(checkpoint)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(config.to_dict(), out / "config.json")
+    reward_fn = student_reward_fn(frozen_scorer(config), config.dimensions)
+    trainer = ReFLTrainer(build_adapter(config), reward_fn, config, ctx=ctx)
+    if resume:
+        trainer.resume(out / "checkpoints")
     log_path = out / "log.jsonl"
-    # Records past the resumed step belong to the interrupted run: drop them so the log reads as one run.
-    records = [r for r in read_log(log_path) if r["step"] <= trainer.step] if checkpoint is not None else []
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    def log(record: dict) -> None:
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    def replot(record: dict) -> None:
+        if record["split"] == "val" and ctx.is_main:
+            plot_reward_curves(log_path, out / "reward_curves.png")
 
-    if trainer.step == 0:
-        log({"split": "val", "step": 0, "rewards": trainer.validate()})
-    with tqdm(total=config.max_steps, initial=trainer.step, desc="refl", unit="step") as bar:
-        while trainer.step < config.max_steps:
-            record = trainer.train_step()
-            log({"split": "train", **record})
-            bar.update()
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            last = trainer.step == config.max_steps
-            if trainer.step % config.val_every == 0 or last:
-                log({"split": "val", "step": trainer.step, "rewards": trainer.validate()})
-                plot_reward_curves(log_path, out / "reward_curves.png")
-            if trainer.step % config.save_every == 0 or last:
-                trainer.save(out / "checkpoints" / checkpoint_name(trainer.step))
+    trainer.train(config.max_steps, log=replot, log_file=log_path, checkpoint_dir=out / "checkpoints",
+                  save_every=config.save_every, progress=True)
     return trainer
-
-
-def read_log(path) -> list[dict]:
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def plot_reward_curves(log_path, png_path) -> None:
@@ -90,6 +71,8 @@ def plot_reward_curves(log_path, png_path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from zreward.training.base import read_log
 
     val = [r for r in read_log(log_path) if r["split"] == "val"]
     names = [k for k in val[0]["rewards"] if k != "aggregate"]

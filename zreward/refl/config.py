@@ -48,7 +48,7 @@ class ReFLConfig:
     lora_alpha: float = 64.0
     batch_size: int = 1
     max_steps: int = 1000
-    learning_rate: float = 1e-5
+    lr: float = 1e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0

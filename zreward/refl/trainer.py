@@ -2,7 +2,7 @@
 
 One step: pick the first gradient step in the last-K window, sample images (:mod:`zreward.refl.sampling`),
 score them for every dimension in one batched call of ``reward_fn(images, prompts) -> [B, D]``, aggregate to
-``R [B]`` and descend on ``-mean(R)``. Only the generator's LoRA (or all of its) parameters train; the VAE, the
+``R [B]`` and descend on ``-mean(R)`` (rank-averaged under torch.distributed). Only the generator's LoRA (or all of its) parameters train; the VAE, the
 text encoder and the reward model are frozen and only pass the gradient on.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from zreward.refl.adapters import FlowMatchAdapter
 from zreward.refl.aggregation import get_aggregator
 from zreward.refl.config import ReFLConfig
 from zreward.refl.sampling import pick_grad_start, sample_images
-from zreward.training.checkpoint import load_checkpoint, save_checkpoint
+from zreward.training.base import TrainerBase
+from zreward.training.distributed import DistContext, all_reduce_mean
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
@@ -67,17 +68,29 @@ class TrainableParameters(nn.Module):
                 self.register_parameter(name.replace(".", "::"), param)
 
 
-class ReFLTrainer:
-    def __init__(self, adapter: FlowMatchAdapter, reward_fn: RewardFn, config: ReFLConfig):
-        self.adapter, self.reward_fn, self.config = adapter, reward_fn, config
+class ReFLTrainer(TrainerBase):
+    """Eq. 20 on a flow-matching generator, on :class:`~zreward.training.base.TrainerBase` (``lr``, ``step()``,
+    ``train()``, ``save()``/``load()``, the checkpoint format and exact resume of GDSO and RISD).
+
+    Under ``torch.distributed`` (``ctx`` from ``init_distributed``) each rank draws its ``batch_size`` prompts
+    from its own shard of the training prompts and its own noise; gradients are averaged over ranks, so the
+    effective batch is ``world_size x batch_size``. Validation runs the same prompts and noise on every rank.
+    """
+
+    def __init__(self, adapter: FlowMatchAdapter, reward_fn: RewardFn, config: ReFLConfig,
+                 ctx: DistContext | None = None):
+        self.adapter, self.reward_fn = adapter, reward_fn
         self.aggregate = partial(get_aggregator(config.aggregation), weights=config.aggregation_weights,
                                  **config.aggregation_kwargs())
         self.params = prepare_generator(adapter, config.lora_rank, config.lora_alpha,
                                         config.transformer_checkpointing, config.seed)
         self.trainable = TrainableParameters(adapter.generator)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
-                                           weight_decay=config.weight_decay)
-        self.step = 0
+        super().__init__(self.trainable, config, lr=config.lr, weight_decay=config.weight_decay,
+                         max_grad_norm=config.max_grad_norm, seed=config.seed, ctx=ctx)
+        self.prompts = config.train_prompts()
+
+    def default_steps(self) -> int:
+        return self.config.max_steps
 
     def _sample(self, prompts: Sequence[str], grad_start: int, generator: torch.Generator) -> torch.Tensor:
         c = self.config
@@ -99,22 +112,27 @@ class ReFLTrainer:
         rewards = self._rewards(self._sample(prompts, grad_start, generator), prompts)
         return -self.aggregate(rewards).mean(), rewards.detach(), grad_start
 
-    def train_step(self) -> dict:
-        """One optimiser step on a batch drawn from the training prompts; its randomness depends only on
-        ``(seed, step)``, so a resumed run continues exactly."""
+    def step(self) -> dict:
+        """One optimiser step on this rank's next ``batch_size`` training prompts; the noise depends only on
+        ``(seed, step, rank)`` and the prompt order is part of the checkpoint, so a resumed run continues
+        exactly."""
         c = self.config
-        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
-        prompts = c.train_prompts()
-        batch = [prompts[i] for i in torch.randint(len(prompts), (c.batch_size,), generator=generator).tolist()]
-        self.optimizer.zero_grad(set_to_none=True)
+        batch = [self.prompts[i] for i in self._next_indices(len(self.prompts), c.batch_size)]
+        generator = torch.Generator().manual_seed((c.seed * 1_000_003 + self.step_count) * 1_009 + self.ctx.rank)
         loss, rewards, grad_start = self.loss(batch, generator)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
-        self.optimizer.step()
-        self.step += 1
-        means = rewards.mean(0).tolist()
-        return {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item(), "grad_start": grad_start,
-                "rewards": dict(zip(c.dimensions, means))}
+        grad_norm = self._apply(loss)
+        self.state["step"] += 1
+        means = all_reduce_mean(rewards.mean(0)).tolist()
+        metrics = {"step": self.step_count, "loss": float(all_reduce_mean(loss.detach())), "grad_norm": grad_norm,
+                   "grad_start": grad_start, "rewards": dict(zip(c.dimensions, means))}
+        self.history.append(metrics)
+        return metrics
+
+    def extra_records(self, finished: bool) -> list[dict]:
+        """Validation rewards at step 0, every ``val_every`` steps and at the end."""
+        if self.step_count == 0 or self.step_count % self.config.val_every == 0 or finished:
+            return [{"split": "val", "step": self.step_count, "rewards": self.validate()}]
+        return []
 
     @torch.no_grad()
     def validate(self, prompts: Sequence[str] | None = None) -> dict[str, float]:
@@ -131,13 +149,9 @@ class ReFLTrainer:
         return result
 
     def save(self, path) -> Path:
-        """Checkpoint (trainable weights, optimizer, step; ``zreward.training.checkpoint`` layout) plus, for LoRA, the
-        adapter in the pipeline's own LoRA format under ``<path>/lora``."""
-        path = save_checkpoint(path, self.trainable, self.optimizer,
-                               state={"step": self.step, "config": self.config.to_dict()})
-        if self.config.lora_rank > 0:
+        """Checkpoint of the trainable weights (the LoRA adapter alone in a LoRA run) in the trainers' common
+        layout, plus, for LoRA, the adapter in the pipeline's own LoRA format under ``<path>/lora``."""
+        path = super().save(path)
+        if self.config.lora_rank > 0 and self.ctx.is_main:
             self.adapter.save_lora(path / "lora")
         return path
-
-    def load(self, path) -> None:
-        self.step = int(load_checkpoint(path, self.trainable, self.optimizer)["step"])

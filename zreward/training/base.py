@@ -132,12 +132,12 @@ class TrainerBase(abc.ABC):
             kept = [r for r in read_log(path) if r["step"] <= self.step_count] if self.step_count > 0 else []
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-        def write(record: dict) -> None:
-            if log is not None:
-                log(record)
+        def write(record: dict) -> None:  # the file first: a callback may read it
             if path is not None:
                 with path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+            if log is not None:
+                log(record)
         return write
 
     def save(self, path, extra_models: dict | None = None) -> Path:
