@@ -263,3 +263,41 @@ def test_refl_trainer_on_two_ranks(tmp_path):
     for a, b in zip(reports[0]["history"], reports[1]["history"]):  # each rank draws its own noise and grad_start
         assert (a["loss"], a["rewards"], a["grad_norm"]) == (b["loss"], b["rewards"], b["grad_norm"]), \
             "logged loss and rewards are rank-averaged"
+
+
+def _gdso_worker(rank, out_dir):
+    ctx = _join(rank, out_dir)
+    try:
+        _train_gdso(rank, out_dir, ctx)
+    finally:
+        shutdown_distributed()
+
+
+def _train_gdso(rank, out_dir, ctx):
+    from zreward.experiments.synthetic import SyntheticPreferences
+    from zreward.experiments.tiny_models import tiny_scorer
+    from zreward.training.gdso import GDSOConfig, GDSOTrainer
+
+    data = SyntheticPreferences(3, 2, 32, seed=0)
+    teacher = tiny_scorer(rank, {"layer_types": ["full_attention"] * 2})  # rank 0's weights win
+    config = GDSOConfig(group_size=2, pairs_per_batch=1, max_new_tokens=2, lr=1e-2, beta=0.0)
+    trainer = GDSOTrainer(teacher, data, data.pairs(), config, ctx=ctx)
+    seen = []
+    for _ in range(2):
+        seen.append(trainer._next_indices(len(trainer.batches), 1)[0])
+        trainer.state["position"] -= 1
+        trainer.step()
+    save_file({k: v.contiguous() for k, v in teacher.model.state_dict().items()}, os.path.join(out_dir, f"gdso{rank}.st"))
+    with open(os.path.join(out_dir, f"gdso{rank}.json"), "w") as f:
+        json.dump({"seen": seen, "history": trainer.history}, f)
+
+
+def test_gdso_trainer_on_two_ranks(tmp_path):
+    mp.spawn(_gdso_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    params = [load_file(tmp_path / f"gdso{r}.st") for r in range(WORLD)]
+    reports = [json.loads((tmp_path / f"gdso{r}.json").read_text()) for r in range(WORLD)]
+    for name in params[0]:
+        assert torch.equal(params[0][name], params[1][name]), name
+    assert set(reports[0]["seen"]).isdisjoint(reports[1]["seen"]), "ranks must train on different pair batches"
+    assert [m["reward"] for m in reports[0]["history"]] == [m["reward"] for m in reports[1]["history"]], \
+        "logged reward is rank-averaged"

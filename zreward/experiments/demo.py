@@ -176,7 +176,7 @@ def _report(log, name: str, metrics: dict) -> None:
 def _progress(log, stage: str, metrics: dict, total: int) -> None:
     step = metrics["step"]
     if step == 1 or step == total or step % max(1, total // 8) == 0:
-        fields = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("step", "grad_norm"))
+        fields = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("split", "step", "grad_norm"))
         log(f"  {stage} step {step}/{total}: {fields}")
 
 
