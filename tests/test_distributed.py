@@ -9,12 +9,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from zreward.experiments.synthetic import SyntheticPreferences
 from zreward.training.checkpoint import load_checkpoint, save_checkpoint
-from zreward.training.distributed import (DistContext, all_gather_tensors, all_reduce_mean, fsdp_mesh_device, init_distributed,
-                                 shard_indices, shutdown_distributed, unwrap_model, wrap_model)
+from zreward.training.distributed import (DistContext, all_gather_tensors, all_reduce_mean, fsdp_mesh_device,
+                                          init_distributed, shard_indices, shutdown_distributed, unwrap_model,
+                                          wrap_model)
 
 WORLD = 2
 DATA = torch.randn(18, 5, generator=torch.Generator().manual_seed(7))
+TRAIN_DATA = SyntheticPreferences(3, 2, 32, seed=0)
 
 
 class Blocks(torch.nn.Module):
@@ -183,56 +186,27 @@ def test_uneven_shards_are_cut_to_equal_length():
     assert len(shards[0]) == len(shards[1]) == 3
 
 
-def _risd_worker(rank, out_dir):
-    ctx = _join(rank, out_dir)
-    try:
-        _train_risd(rank, out_dir, ctx)
-    finally:  # the models are out of scope here, as shutdown_distributed needs
-        shutdown_distributed()
-
-
-def _train_risd(rank, out_dir, ctx):
-    from zreward.experiments.synthetic import SyntheticPreferences
-    from zreward.experiments.tiny_models import tiny_qwen35
-    from zreward.scoring.scorer import RewardScorer
-    from zreward.scoring.vocab import ScoreVocab
+def _risd(rank, ctx):
+    from zreward.experiments.tiny_models import tiny_scorer
     from zreward.training.risd import RISDConfig, RISDTrainer, TeacherCache
 
-    data = SyntheticPreferences(2, 2, 32, seed=0)
-    probs = torch.softmax(torch.randn(len(data), 1, 9, generator=torch.Generator().manual_seed(0)), -1)
-    cache = TeacherCache(probs, ("realism",), data.prompts(range(len(data))), {}, torch.linspace(1, 5, 9))
-    model, processor = tiny_qwen35(seed=rank, layer_types=["full_attention"] * 2)  # rank 0's weights win
-    student = RewardScorer(model, processor, ScoreVocab.from_tokenizer(processor.tokenizer))
-    trainer = RISDTrainer(student, data, cache, RISDConfig(batch_size=1, lr=1e-2), ctx=ctx)
-    seen = []
-    for _ in range(2):
-        seen.append(trainer._next_indices(len(data), 1)[0])
-        trainer.state["position"] -= 1
-        trainer.step()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"risd{rank}.st"))
-    with open(os.path.join(out_dir, f"risd{rank}.json"), "w") as f:
-        json.dump({"seen": seen, "history": trainer.history}, f)
+    probs = torch.softmax(torch.randn(len(TRAIN_DATA), 1, 9, generator=torch.Generator().manual_seed(0)), -1)
+    cache = TeacherCache(probs, ("realism",), TRAIN_DATA.prompts(range(len(TRAIN_DATA))), {}, torch.linspace(1, 5, 9))
+    student = tiny_scorer(rank, {"layer_types": ["full_attention"] * 2})  # rank 0's weights win
+    return RISDTrainer(student, TRAIN_DATA, cache, RISDConfig(batch_size=1, lr=1e-2), ctx=ctx), len(TRAIN_DATA)
 
 
-def test_risd_trainer_on_two_ranks(tmp_path):
-    mp.spawn(_risd_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    params = [load_file(tmp_path / f"risd{r}.st") for r in range(WORLD)]
-    reports = [json.loads((tmp_path / f"risd{r}.json").read_text()) for r in range(WORLD)]
-    for name in params[0]:
-        assert torch.equal(params[0][name], params[1][name]), name
-    assert set(reports[0]["seen"]).isdisjoint(reports[1]["seen"]), "ranks must train on different images"
-    assert reports[0]["history"][-1]["loss"] == reports[1]["history"][-1]["loss"], "logged loss is rank-averaged"
+def _gdso(rank, ctx):
+    from zreward.experiments.tiny_models import tiny_scorer
+    from zreward.training.gdso import GDSOConfig, GDSOTrainer
+
+    teacher = tiny_scorer(rank, {"layer_types": ["full_attention"] * 2})  # rank 0's weights win
+    config = GDSOConfig(group_size=2, pairs_per_batch=1, max_new_tokens=2, lr=1e-2, beta=0.0)
+    trainer = GDSOTrainer(teacher, TRAIN_DATA, TRAIN_DATA.pairs(), config, ctx=ctx)
+    return trainer, len(trainer.batches)
 
 
-def _refl_worker(rank, out_dir):
-    ctx = _join(rank, out_dir)
-    try:
-        _train_refl(rank, out_dir, ctx)
-    finally:
-        shutdown_distributed()
-
-
-def _train_refl(rank, out_dir, ctx):
+def _refl(rank, ctx):
     from test_refl import PROMPTS, contrast_reward, tiny_config
 
     from zreward.refl import ReFLTrainer, build_adapter
@@ -240,64 +214,43 @@ def _train_refl(rank, out_dir, ctx):
     torch.manual_seed(rank)  # the LoRA init is seeded by the config; anything else rank 0 broadcasts
     config = tiny_config(prompts=PROMPTS + ["a yellow kite"], batch_size=1)
     trainer = ReFLTrainer(build_adapter(config), contrast_reward, config, ctx=ctx)
-    seen = []
-    for _ in range(2):
-        seen.append(trainer._next_indices(len(trainer.prompts), 1)[0])
-        trainer.state["position"] -= 1
-        trainer.step()
-    save_file({k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()},
-              os.path.join(out_dir, f"refl{rank}.st"))
-    with open(os.path.join(out_dir, f"refl{rank}.json"), "w") as f:
-        json.dump({"seen": seen, "history": trainer.history}, f)
+    return trainer, len(trainer.prompts)
 
 
-def test_refl_trainer_on_two_ranks(tmp_path):
-    pytest.importorskip("diffusers")
-    mp.spawn(_refl_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    params = [load_file(tmp_path / f"refl{r}.st") for r in range(WORLD)]
-    reports = [json.loads((tmp_path / f"refl{r}.json").read_text()) for r in range(WORLD)]
-    assert params[0], "the LoRA weights are the trained parameters"
-    for name in params[0]:
-        assert torch.equal(params[0][name], params[1][name]), name
-    assert set(reports[0]["seen"]).isdisjoint(reports[1]["seen"]), "ranks must train on different prompts"
-    for a, b in zip(reports[0]["history"], reports[1]["history"]):  # each rank draws its own noise and grad_start
-        assert (a["loss"], a["rewards"], a["grad_norm"]) == (b["loss"], b["rewards"], b["grad_norm"]), \
-            "logged loss and rewards are rank-averaged"
+TRAINERS = {"gdso": _gdso, "risd": _risd, "refl": _refl}
 
 
-def _gdso_worker(rank, out_dir):
+def _trainer_worker(rank, out_dir, kind):
     ctx = _join(rank, out_dir)
     try:
-        _train_gdso(rank, out_dir, ctx)
-    finally:
+        _train_two_steps(rank, out_dir, kind, ctx)
+    finally:  # the models are out of scope here, as shutdown_distributed needs
         shutdown_distributed()
 
 
-def _train_gdso(rank, out_dir, ctx):
-    from zreward.experiments.synthetic import SyntheticPreferences
-    from zreward.experiments.tiny_models import tiny_scorer
-    from zreward.training.gdso import GDSOConfig, GDSOTrainer
-
-    data = SyntheticPreferences(3, 2, 32, seed=0)
-    teacher = tiny_scorer(rank, {"layer_types": ["full_attention"] * 2})  # rank 0's weights win
-    config = GDSOConfig(group_size=2, pairs_per_batch=1, max_new_tokens=2, lr=1e-2, beta=0.0)
-    trainer = GDSOTrainer(teacher, data, data.pairs(), config, ctx=ctx)
+def _train_two_steps(rank, out_dir, kind, ctx):
+    trainer, num_items = TRAINERS[kind](rank, ctx)
     seen = []
     for _ in range(2):
-        seen.append(trainer._next_indices(len(trainer.batches), 1)[0])
+        seen.append(trainer._next_indices(num_items, 1)[0])  # the item (batch, prompt) this step will draw
         trainer.state["position"] -= 1
         trainer.step()
-    save_file({k: v.contiguous() for k, v in teacher.model.state_dict().items()}, os.path.join(out_dir, f"gdso{rank}.st"))
-    with open(os.path.join(out_dir, f"gdso{rank}.json"), "w") as f:
+    save_file({k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()},
+              os.path.join(out_dir, f"rank{rank}.st"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"seen": seen, "history": trainer.history}, f)
 
 
-def test_gdso_trainer_on_two_ranks(tmp_path):
-    mp.spawn(_gdso_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    params = [load_file(tmp_path / f"gdso{r}.st") for r in range(WORLD)]
-    reports = [json.loads((tmp_path / f"gdso{r}.json").read_text()) for r in range(WORLD)]
+@pytest.mark.parametrize("kind", sorted(TRAINERS))
+def test_trainer_on_two_ranks(tmp_path, kind):
+    if kind == "refl":
+        pytest.importorskip("diffusers")
+    mp.spawn(_trainer_worker, args=(str(tmp_path), kind), nprocs=WORLD, join=True)
+    params = [load_file(tmp_path / f"rank{r}.st") for r in range(WORLD)]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert params[0], "the trained parameters were saved"
     for name in params[0]:
-        assert torch.equal(params[0][name], params[1][name]), name
-    assert set(reports[0]["seen"]).isdisjoint(reports[1]["seen"]), "ranks must train on different pair batches"
-    assert [m["reward"] for m in reports[0]["history"]] == [m["reward"] for m in reports[1]["history"]], \
-        "logged reward is rank-averaged"
+        assert torch.equal(params[0][name], params[1][name]), f"{name} differs between ranks: gradients not averaged"
+    assert set(reports[0]["seen"]).isdisjoint(reports[1]["seen"]), "ranks must train on different data"
+    for a, b in zip(reports[0]["history"], reports[1]["history"]):  # ReFL's noise (and grad_start) is per rank
+        assert a["loss"] == b["loss"], "the logged loss is rank-averaged"

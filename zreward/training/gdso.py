@@ -329,7 +329,7 @@ class GDSOTrainer(TrainerBase):
             grad_norm = self._apply(out.loss)
         self.model.eval()
         self.state["step"] += 1
-        metrics = {"step": self.state["step"], "loss": float(out.loss.detach()), "policy": float(out.policy),
+        metrics = {"step": self.state["step"], "loss": float(all_reduce_mean(out.loss.detach())), "policy": float(out.policy),
                    "ce": float(out.ce), "pairwise": float(out.pairwise), "kl": float(out.kl),
                    "clip_fraction": float(out.clip_fraction), "reward": float(all_reduce_mean(rewards.mean())),
                    "grad_norm": grad_norm, "completion_tokens": float(mask.sum(-1).mean())}
