@@ -10,11 +10,13 @@ import torch
 
 from zreward.cli import build_parser
 from zreward.experiments.ablate import AblationConfig, run_ablation
-from zreward.experiments.arms import DESCRIPTIONS, STUDENT_ARMS, TEACHER_ARMS
+from zreward.experiments.arms import DESCRIPTIONS, STUDENT_ARMS, TEACHER_ARMS, WRITTEN_REASONING_ARM
 from zreward.training.gdso import GDSOConfig
+from zreward.training.opd import OPDConfig
 from zreward.training.risd import RISDConfig
 
-ARMS = {"teacher_zero_shot", "sft", "grpo", "gdso", "gdso_parsed", "student_zero_shot", "student_sft", "risd"}
+ARMS = {"teacher_zero_shot", "sft", "rewarddance", "grpo", "gdso", "gdso_parsed", "student_zero_shot",
+        "student_sft", "opd", "risd"}
 
 
 def test_cli_registers_ablate():
@@ -49,6 +51,7 @@ def _tiny_config(output_dir, workers: int) -> AblationConfig:
         workers=workers, output_dir=str(output_dir),
         gdso=GDSOConfig(group_size=2, pairs_per_batch=1, max_new_tokens=2, steps_per_iteration=1, beta=0.0),
         risd=RISDConfig(batch_size=2, teacher_max_new_tokens=2),
+        opd=OPDConfig(batch_size=2, max_new_tokens=2),
     )
 
 
@@ -63,7 +66,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_ablation_writes_every_arm_and_seed(tiny_run):
     output_dir, result = tiny_run
-    assert set(TEACHER_ARMS) | set(STUDENT_ARMS) < ARMS == set(DESCRIPTIONS)
+    assert set(TEACHER_ARMS) | set(STUDENT_ARMS) | {WRITTEN_REASONING_ARM} < ARMS == set(DESCRIPTIONS)
     written = json.loads((output_dir / "ablation.json").read_text())
     assert set(written["arms"]) == set(written["summary"]) == ARMS
     assert written["summary"] == json.loads(json.dumps(result["summary"]))
@@ -73,7 +76,7 @@ def test_tiny_ablation_writes_every_arm_and_seed(tiny_run):
         assert f"| {name} |" in table
         runs = written["arms"][name]
         assert [run["seed"] for run in runs] == [0, 1]
-        trained = name in TEACHER_ARMS or name in STUDENT_ARMS
+        trained = name in TEACHER_ARMS or name in STUDENT_ARMS or name == WRITTEN_REASONING_ARM
         for run in runs:
             for key in ("plcc", "srcc", "hpa"):
                 assert math.isfinite(run["metrics"][key]), (name, key)
@@ -82,9 +85,17 @@ def test_tiny_ablation_writes_every_arm_and_seed(tiny_run):
             assert len(run["history"]) == (2 if trained else 0)
         stats = written["summary"][name]["hpa"]
         assert stats["std"] is not None and stats["mean"] == pytest.approx(sum(r["metrics"]["hpa"] for r in runs) / 2)
-    for name in STUDENT_ARMS:
+    for name in ("student_sft", "risd"):
         assert written["summary"][name]["tokens_per_score"]["mean"] == 1
-    assert written["summary"]["gdso"]["tokens_per_score"]["mean"] > 1  # sampled reasoning, then the score token
+    # sampled reasoning (at most max_new_tokens=2 tokens), then the score token
+    for name in ("gdso", "opd", "rewarddance"):
+        assert 1 < written["summary"][name]["tokens_per_score"]["mean"] <= 3, name
+    # the OPD student's output tokens are its own rollout lengths
+    for run in written["arms"]["opd"]:
+        lengths = [m["output_tokens"] for m in run["history"]]
+        assert run["tokens_per_score"] == pytest.approx(sum(lengths) / len(lengths))
+    for run in written["arms"]["rewarddance"]:
+        assert 0.0 <= run["metrics"]["rationale_match"] <= 1.0
 
 
 def test_worker_processes_give_the_same_numbers(tiny_run, tmp_path):

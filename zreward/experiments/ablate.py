@@ -3,10 +3,14 @@
 * Teacher (Table 2): SFT on the score token (Eq. 8) vs GRPO (parsed-score rewards, no direct losses) vs GDSO
   (Eq. 14 with expectation rewards).
 * Fig. 4: GDSO with rewards from the score distribution's expectation vs from the parsed score.
-* Student (Table 3): RISD (KL to the cached GDSO teacher, Eq. 15) vs SFT on the human scores alone.
+* Teacher (Table 2): RewardDance-style SFT on post-hoc rationales of the labels + the score token.
+* Student (Table 3): RISD (KL to the cached GDSO teacher, Eq. 15) vs SFT on the human scores alone vs on-policy
+  distillation from the same teacher (OPD, Eq. 18-19).
 
-Every teacher arm is :class:`~zreward.training.gdso.GDSOTrainer` with other weights or reward source; both student arms
-are :class:`~zreward.training.risd.RISDTrainer`, the SFT one on one-hot human targets (see :mod:`zreward.experiments.arms`).
+The SFT / GRPO / GDSO teacher arms are :class:`~zreward.training.gdso.GDSOTrainer` with other weights or reward
+source, the RewardDance-style arm :class:`~zreward.training.rationale_sft.RationaleSFTTrainer` on GDSO's batches; the
+SFT and RISD students are :class:`~zreward.training.risd.RISDTrainer`, the SFT one on one-hot human targets, the OPD
+student :class:`~zreward.training.opd.OPDTrainer` (see :mod:`zreward.experiments.arms`).
 Within a seed all arms see the same data, the same initial model and the same number of optimizer steps and
 rollouts. Writes ``ablation.json`` (every per-seed number, the curves and the training histories),
 ``ablation.md`` and ``ablation.png``.
@@ -26,11 +30,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from zreward.experiments.arms import (DESCRIPTIONS, STUDENT_ARMS, TEACHER_ARMS, TEACHER_FOR_RISD, student_sft_task,
-                                 teacher_task, zero_shot_task)
+from zreward.experiments.arms import (DESCRIPTIONS, REASONING_STUDENT_ARMS, STUDENT_ARMS, TEACHER_ARMS,
+                                      TEACHER_FOR_RISD, rewarddance_task, student_sft_task, teacher_task,
+                                      zero_shot_task)
 from zreward.experiments.demo import DemoConfig
 from zreward.experiments.report import summarise, write_plot, write_table
 from zreward.training.gdso import GDSOConfig
+from zreward.training.opd import OPDConfig
 from zreward.training.risd import RISDConfig
 
 _DEMO = DemoConfig()
@@ -64,10 +70,14 @@ class AblationConfig:
     # HPA 0.93 in 200 steps, and the same run with beta 0 ended at 0.69 (one-sample evaluations, seed 0).
     gdso: GDSOConfig = field(default_factory=lambda: replace(_DEMO.gdso))
     risd: RISDConfig = field(default_factory=lambda: replace(_DEMO.risd))
+    # The OPD student gets RISD's batch and learning rate and the teachers' reasoning budget.
+    opd: OPDConfig = field(default_factory=lambda: OPDConfig(batch_size=_DEMO.risd.batch_size, lr=_DEMO.risd.lr,
+                                                             max_new_tokens=_DEMO.gdso.max_new_tokens))
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("ablate", help="SFT / GRPO / GDSO teachers and SFT / RISD students, over seeds",
+    parser = subparsers.add_parser("ablate", help="SFT / RewardDance / GRPO / GDSO teachers and SFT / OPD / RISD "
+                                                  "students, over seeds",
                                    description=__doc__.splitlines()[0])
     defaults = AblationConfig()
     parser.add_argument("--output-dir", default=defaults.output_dir,
@@ -115,12 +125,14 @@ def run_ablation(config: AblationConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # Longest tasks first (the RISD teacher's task also trains the RISD student), so the workers finish together.
+    # Longest tasks first (the RISD teacher's task also trains the RISD and OPD students), so the workers finish
+    # together.
     order = sorted(TEACHER_ARMS, key=lambda name: name != TEACHER_FOR_RISD)
     tasks = [(teacher_task, seed, name) for name in order for seed in range(config.seeds)]
+    tasks += [(rewarddance_task, seed) for seed in range(config.seeds)]
     tasks += [(student_sft_task, seed) for seed in range(config.seeds)]
     workers = config.workers or (1 if config.device == "cuda" else min(os.cpu_count() or 1, len(tasks)))
-    total = config.seeds * (len(TEACHER_ARMS) * config.teacher_steps + len(STUDENT_ARMS) * config.student_steps)
+    total = config.seeds * ((len(TEACHER_ARMS) + 1) * config.teacher_steps + len(STUDENT_ARMS) * config.student_steps)
     threads = torch.get_num_threads()
     with tqdm(total=total, desc="ablate", unit="step", disable=not progress) as bar:
         if workers == 1:
@@ -180,13 +192,14 @@ class _BarTicks:
 
 def _assemble(seeds: int, parts: list[dict]) -> dict[str, list[dict]]:
     """``{arm: [entry of seed 0, 1, ...]}`` in table order; every trained arm's curve starts from its role's
-    zero-shot point, and the zero-shot teacher's output tokens are those of the first training batch."""
+    zero-shot point (a reasoning student's from its own), and the zero-shot teacher's output tokens are those of
+    the first training batch."""
     arms = {name: [None] * seeds for name in DESCRIPTIONS}
     for part in parts:
         for name, entry in part.items():
             arms[name][entry["seed"]] = entry
     for name, (role, _) in DESCRIPTIONS.items():
-        if name.endswith("zero_shot"):
+        if name.endswith("zero_shot") or name in REASONING_STUDENT_ARMS:
             continue
         for seed, entry in enumerate(arms[name]):
             entry["curve"] = arms[f"{role}_zero_shot"][seed]["curve"] + entry["curve"]

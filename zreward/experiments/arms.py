@@ -12,9 +12,12 @@ from dataclasses import replace
 import torch
 
 from zreward.experiments.demo import student_metrics, teacher_metrics
+from zreward.experiments.rationales import label_rationales, reasoning_probe
 from zreward.experiments.synthetic import SyntheticPreferences
 from zreward.experiments.tiny_models import STUDENT_CONFIG, TEACHER_CONFIG, tiny_scorer
 from zreward.training.gdso import GDSOTrainer
+from zreward.training.opd import OPDTrainer
+from zreward.training.rationale_sft import RationaleSFTConfig, RationaleSFTTrainer
 from zreward.training.risd import RISDTrainer, TeacherCache
 
 # GDSOConfig overrides of each teacher arm: every teacher arm is the GDSO trainer.
@@ -24,17 +27,23 @@ TEACHER_ARMS = {
     "gdso": {},                                                               # Eq. 14
     "gdso_parsed": {"reward_source": "parsed"},                               # Fig. 4: Eq. 14, parsed rewards
 }
-STUDENT_ARMS = ("student_sft", "risd")
-TEACHER_FOR_RISD = "gdso"
+# The teacher arm that is not a GDSO setting: SFT on written rationale + score (RationaleSFTTrainer).
+WRITTEN_REASONING_ARM = "rewarddance"
+STUDENT_ARMS = ("student_sft", "opd", "risd")
+# Student arms that reason at inference: evaluated, and counted in output tokens, as the teachers are.
+REASONING_STUDENT_ARMS = ("opd",)
+TEACHER_FOR_RISD = "gdso"  # the teacher that RISD and OPD distil
 # Role and a one-line description of every row of the results, in table order.
 DESCRIPTIONS = {
     "teacher_zero_shot": ("teacher", "nothing: the initial teacher"),
     "sft": ("teacher", "CE on the score token after the sampled reasoning (Eq. 8)"),
+    "rewarddance": ("teacher", "SFT on a post-hoc rationale of the label + the score token"),
     "grpo": ("teacher", "policy gradient on parsed-score rewards (Eq. 4, 7, 10, 13)"),
     "gdso": ("teacher", "Eq. 14: expectation rewards + CE + score-gap loss"),
     "gdso_parsed": ("teacher", "Eq. 14 with parsed-score rewards (Fig. 4)"),
     "student_zero_shot": ("student", "nothing: the initial student"),
     "student_sft": ("student", "CE on the human score, no teacher"),
+    "opd": ("student", f"on-policy distillation from the {TEACHER_FOR_RISD} teacher (Eq. 18-19)"),
     "risd": ("student", f"KL to the cached {TEACHER_FOR_RISD} teacher (Eq. 15)"),
 }
 
@@ -56,8 +65,9 @@ class _Seed:
     def student(self):
         return tiny_scorer(self.seed + 1, STUDENT_CONFIG, self.device)
 
-    def teacher_metrics(self, scorer, samples: int) -> dict:
-        return teacher_metrics(scorer, self.held_out, self.device, samples, self.config.gdso.max_new_tokens)
+    def teacher_metrics(self, scorer, samples: int, max_new_tokens: int | None = None) -> dict:
+        return teacher_metrics(scorer, self.held_out, self.device, samples,
+                               max_new_tokens or self.config.gdso.max_new_tokens)
 
     def student_metrics(self, scorer) -> dict:
         return student_metrics(scorer, self.held_out, self.device)
@@ -69,6 +79,20 @@ class _Seed:
         curve, metrics = _train(trainer, self.config.student_steps, self.config.eval_every,
                                 lambda: self.student_metrics(student), ticks)
         return entry(self.seed, metrics, 1, curve, trainer.history)
+
+    def opd_arm(self, teacher, ticks) -> dict:
+        """A fresh student distilled on its own reasoning-and-score samples by the frozen ``teacher`` (Eq. 18-19),
+        evaluated with its own reasoning, as the teachers are; its curve starts from its own step-0 point (the
+        initial student reasoning, not the zero-shot student's direct answer)."""
+        student, max_new_tokens = self.student(), self.config.opd.max_new_tokens
+        torch.manual_seed(self.seed)
+        initial = [0, self.teacher_metrics(student, 1, max_new_tokens)["hpa"]]
+        trainer = OPDTrainer(student, teacher, self.train, replace(self.config.opd, seed=self.seed))
+        curve, _ = _train(trainer, self.config.student_steps, self.config.eval_every,
+                          lambda: self.teacher_metrics(student, 1, max_new_tokens), ticks)
+        metrics = self.teacher_metrics(student, self.config.eval_teacher_samples, max_new_tokens)
+        tokens = sum(m["output_tokens"] for m in trainer.history) / len(trainer.history)
+        return entry(self.seed, metrics, tokens, [initial] + curve, trainer.history)
 
 
 def zero_shot_task(config, seed: int) -> dict:
@@ -101,7 +125,28 @@ def teacher_task(config, seed: int, name: str, ticks) -> dict:
         cache = TeacherCache.build(teacher, run.train, num_samples=risd.teacher_samples,
                                    max_new_tokens=risd.teacher_max_new_tokens, temperature=risd.teacher_temperature)
         out["risd"] = run.student_arm(run.student(), cache, ticks)
+        out["opd"] = run.opd_arm(teacher, ticks)
     return out
+
+
+def rewarddance_task(config, seed: int, ticks) -> dict:
+    """The teacher fine-tuned on post-hoc rationales of its labels + the score token, on GDSO's batches with the
+    GDSO arms' optimizer settings and updates; evaluated with the reasoning it samples itself. Its output tokens
+    and how often its reasoning is the rationale of the image's label come from one sampled reasoning per held-out
+    (image, dimension)."""
+    run = _Seed(config, seed)
+    teacher = run.teacher()
+    gdso = config.gdso
+    sft = RationaleSFTConfig(pairs_per_batch=gdso.pairs_per_batch, updates_per_batch=gdso.updates_per_batch,
+                             lr=gdso.lr, weight_decay=gdso.weight_decay, max_grad_norm=gdso.max_grad_norm,
+                             logprob_chunk=gdso.logprob_chunk, seed=seed)
+    torch.manual_seed(seed)
+    trainer = RationaleSFTTrainer(teacher, run.train, run.train.pairs(), label_rationales(run.train), sft)
+    curve, _ = _train(trainer, config.teacher_steps, config.eval_every, lambda: run.teacher_metrics(teacher, 1), ticks)
+    metrics = run.teacher_metrics(teacher, config.eval_teacher_samples)
+    probe = reasoning_probe(teacher, run.held_out, run.device, gdso.max_new_tokens)
+    metrics["rationale_match"] = probe["rationale_match"]
+    return {WRITTEN_REASONING_ARM: entry(seed, metrics, probe["tokens_per_score"], curve, trainer.history)}
 
 
 def student_sft_task(config, seed: int, ticks) -> dict:

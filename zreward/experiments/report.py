@@ -29,9 +29,10 @@ def write_table(result: dict, path: Path) -> None:
     config = result["config"]
     pairs = [run["metrics"]["pairs"] for run in next(iter(result["arms"].values()))]
     settings = (
-        f"Seeds 0..{config['seeds'] - 1}; {config['teacher_steps']} GDSO steps per teacher arm "
-        f"({config['gdso']['updates_per_batch']} optimizer updates each), {config['student_steps']} RISD steps per "
-        f"student arm; {min(pairs)}-{max(pairs)} held-out pairs per seed; device {result['device']}, "
+        f"Seeds 0..{config['seeds'] - 1}; {config['teacher_steps']} steps per teacher arm "
+        f"({config['gdso']['updates_per_batch']} optimizer updates each), {config['student_steps']} steps (one "
+        f"optimizer update each) per student arm; {min(pairs)}-{max(pairs)} held-out pairs per seed; "
+        f"device {result['device']}, "
         f"{result['workers']} worker(s) x {config['threads']} thread(s); {result['runtime_s'] / 60:.1f} min."
     )
     lines = [
