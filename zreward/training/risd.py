@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import zr_kernels
+from zreward.engines import make_engine
 from zreward.scoring.rubric import DIMENSIONS
 from zreward.training.base import TrainerBase
 from zreward.training.checkpoint import save_tensors_atomic, write_json_atomic
@@ -52,22 +53,31 @@ class TeacherCache:
     @classmethod
     @torch.no_grad()
     def build(cls, teacher, data, dimensions=DIMENSIONS, num_samples: int = 1, max_new_tokens: int = 16,
-              temperature: float = 1.0, batch_size: int = 16) -> "TeacherCache":
+              temperature: float = 1.0, batch_size: int = 16, engine="hf") -> "TeacherCache":
         """Algorithm 2 line 6 for every item of ``data`` (``len``, ``images(indices)``, ``prompts(indices)``):
-        ``num_samples`` reasoning rollouts of the ``teacher`` scorer per (item, dimension), q_T averaged."""
+        ``num_samples`` reasoning rollouts of the ``teacher`` scorer per (item, dimension), q_T averaged.
+
+        ``engine`` samples them (``zreward.engines``): ``"hf"`` (default), ``"vllm"`` (an engine started for
+        this build and shut down after it) or an :class:`~zreward.engines.InferenceEngine` (left running)."""
         teacher.model.eval()
         device = next(teacher.model.parameters()).device
+        sampler = make_engine(engine, teacher)
         per_dimension, reasoning = [], {}
-        for dimension in dimensions:
-            probs, texts = [], []
-            for start in range(0, len(data), batch_size):
-                indices = list(range(start, min(start + batch_size, len(data))))
-                rollouts = teacher.teacher_rollouts(data.images(indices).to(device), data.prompts(indices), dimension,
-                                                    num_samples, max_new_tokens, temperature)
-                probs.append(rollouts.scores.probs.mean(1).float().cpu())
-                texts.extend(rollouts.completions[i * num_samples:(i + 1) * num_samples] for i in range(len(indices)))
-            per_dimension.append(torch.cat(probs))
-            reasoning[dimension] = texts
+        try:
+            for dimension in dimensions:
+                probs, texts = [], []
+                for start in range(0, len(data), batch_size):
+                    indices = list(range(start, min(start + batch_size, len(data))))
+                    rollouts = sampler.teacher_rollouts(data.images(indices).to(device), data.prompts(indices),
+                                                        dimension, num_samples, max_new_tokens, temperature)
+                    probs.append(rollouts.scores.probs.mean(1).float().cpu())
+                    texts.extend(rollouts.completions[i * num_samples:(i + 1) * num_samples]
+                                 for i in range(len(indices)))
+                per_dimension.append(torch.cat(probs))
+                reasoning[dimension] = texts
+        finally:
+            if sampler is not engine:  # started here: its memory is the student's next
+                sampler.close()
         return cls(torch.stack(per_dimension, 1), dimensions, data.prompts(range(len(data))), reasoning,
                    teacher.vocab.values.clone())
 
