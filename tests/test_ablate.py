@@ -95,7 +95,7 @@ def test_tiny_ablation_writes_every_arm_and_seed(tiny_run):
         lengths = [m["output_tokens"] for m in run["history"]]
         assert run["tokens_per_score"] == pytest.approx(sum(lengths) / len(lengths))
     for run in written["arms"]["rewarddance"]:
-        assert 0.0 <= run["metrics"]["rationale_match"] <= 1.0
+        assert 0.0 <= run["metrics"]["rationale_match"] <= run["metrics"]["rationale_format"] <= 1.0
 
 
 def test_worker_processes_give_the_same_numbers(tiny_run, tmp_path):

@@ -83,3 +83,24 @@ def test_trainer_fits_the_rationales_and_scores(tiny):
     assert last["rationale_nll"] < first["rationale_nll"] - 1.0  # nats per written token
     with pytest.raises(TypeError, match="rationale"):
         RationaleSFTTrainer(scorer, data, data.pairs(), " slight image", config)
+
+
+def test_reasoning_probe_counts_format_and_matches():
+    import types
+
+    from zreward.experiments.rationales import reasoning_probe
+    from zreward.experiments.synthetic import SyntheticPreferences
+
+    data = SyntheticPreferences(1, 2, 32, seed=0)
+    right = {d: [rationale(d, item.scores[d]) for item in data.items] for d in DEFECT_WORDS}
+
+    class Writer:
+        """Writes image 0's own rationale, a rationale of another severity for image 1 (2 and 3 tokens)."""
+
+        def teacher_rollouts(self, images, prompts, dimension, samples, max_new_tokens):
+            other = next(s for s in SEVERITIES if not right[dimension][1].startswith(s)) + DEFECT_WORDS[dimension]
+            return types.SimpleNamespace(completions=[right[dimension][0], other],
+                                         completion_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
+
+    probe = reasoning_probe(Writer(), data, "cpu", 3)
+    assert probe == {"tokens_per_score": 2.5 + 1, "rationale_format": 1.0, "rationale_match": 0.5}

@@ -131,9 +131,9 @@ def teacher_task(config, seed: int, name: str, ticks) -> dict:
 
 def rewarddance_task(config, seed: int, ticks) -> dict:
     """The teacher fine-tuned on post-hoc rationales of its labels + the score token, on GDSO's batches with the
-    GDSO arms' optimizer settings and updates; evaluated with the reasoning it samples itself. Its output tokens
-    and how often its reasoning is the rationale of the image's label come from one sampled reasoning per held-out
-    (image, dimension)."""
+    GDSO arms' optimizer settings and updates; evaluated with the reasoning it samples itself. Its output tokens,
+    and how often its reasoning is a rationale and the rationale of the image's label (``reasoning_probe``), come
+    from one sampled reasoning per held-out (image, dimension)."""
     run = _Seed(config, seed)
     teacher = run.teacher()
     gdso = config.gdso
@@ -145,7 +145,7 @@ def rewarddance_task(config, seed: int, ticks) -> dict:
     curve, _ = _train(trainer, config.teacher_steps, config.eval_every, lambda: run.teacher_metrics(teacher, 1), ticks)
     metrics = run.teacher_metrics(teacher, config.eval_teacher_samples)
     probe = reasoning_probe(teacher, run.held_out, run.device, gdso.max_new_tokens)
-    metrics["rationale_match"] = probe["rationale_match"]
+    metrics.update(rationale_format=probe["rationale_format"], rationale_match=probe["rationale_match"])
     return {WRITTEN_REASONING_ARM: entry(seed, metrics, probe["tokens_per_score"], curve, trainer.history)}
 
 

@@ -36,17 +36,22 @@ def label_rationales(data: SyntheticPreferences):
 
 @torch.no_grad()
 def reasoning_probe(scorer, data: SyntheticPreferences, device, max_new_tokens: int, batch_size: int = 16) -> dict:
-    """One sampled reasoning per held-out (image, dimension): the mean number of output tokens per score (reasoning
-    + the score token) and the fraction of reasoning texts that are the rationale of the image's label (about 1/3
-    for a model that writes some rationale but not from the image; 0 for one that never writes one)."""
-    tokens, matches, count = 0.0, 0, 0
+    """One sampled reasoning per (image, dimension) of ``data``: ``tokens_per_score``, the mean output tokens per
+    score (reasoning + the score token); ``rationale_format``, the fraction of reasoning texts that are one of the
+    dimension's rationales; ``rationale_match``, the fraction that are the rationale of the image's own label.
+    Reasoning that reads the image has ``rationale_match`` near ``rationale_format``; reasoning that has only
+    learned the format has about a third of it (three severities)."""
+    tokens, formatted, matches, count = 0.0, 0, 0, 0
     for dimension in DIMENSIONS:
+        written = {severity + DEFECT_WORDS[dimension] for severity in SEVERITIES}
         for start in range(0, len(data), batch_size):
             indices = list(range(start, min(start + batch_size, len(data))))
             rollouts = scorer.teacher_rollouts(data.images(indices).to(device), data.prompts(indices), dimension, 1,
                                                max_new_tokens)
             tokens += float(rollouts.completion_mask.sum())
+            formatted += sum(text in written for text in rollouts.completions)
             matches += sum(text == rationale(dimension, data.items[i].scores[dimension])
                            for i, text in zip(indices, rollouts.completions))
             count += len(indices)
-    return {"tokens_per_score": tokens / count + 1, "rationale_match": matches / count}
+    return {"tokens_per_score": tokens / count + 1, "rationale_format": formatted / count,
+            "rationale_match": matches / count}
