@@ -241,7 +241,7 @@ def test_command_refuses_an_open_address_without_a_token(model_dir, monkeypatch)
     monkeypatch.delenv("ZREWARD_SERVE_TOKEN", raising=False)
     with pytest.raises(SystemExit, match="0.0.0.0 is reachable from other machines"):
         main(["serve", "--model", str(model_dir), "--host", "0.0.0.0"])
-    with pytest.raises(SystemExit, match="engine 'vllm' is not available yet"):
+    with pytest.raises(SystemExit, match="engine 'vllm' needs vLLM|vLLM's CPU backend cannot run"):
         main(["serve", "--model", str(model_dir), "--engine", "vllm"])
     with pytest.raises(SystemExit, match="--threads must be positive"):
         main(["serve", "--model", str(model_dir), "--threads", "0"])

@@ -14,27 +14,37 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from zr_kernels import ScoreDist
-from zreward.deploy.model_folder import load_model_folder
+from zreward.deploy.model_folder import DTYPES, METADATA_FILE, _vocab, load_model_folder, read_metadata
+from zreward.engines import ENGINES
 from zreward.refl.aggregation import get_aggregator
 from zreward.scoring.image_processing import target_size
 from zreward.scoring.rubric import DIMENSIONS
-from zreward.scoring.scorer import RewardScorer
-
-ENGINES = ("hf", "vllm")
+from zreward.scoring.scorer import RewardScorer, ScoringProcessor
 
 
 def open_scorer(model_dir, engine: str = "hf", device: str = "cpu", dtype: str = "float32",
-                attn_implementation: str = "sdpa") -> RewardScorer:
-    """The scorer behind ``--engine``: ``hf`` runs the transformers model in this process."""
+                attn_implementation: str = "sdpa"):
+    """The scorer behind ``--engine``: ``hf`` runs the transformers model in this process (a ``RewardScorer``);
+    ``vllm`` a :class:`~zreward.engines.vllm.VLLMEngine` on the folder's weights (student scoring only; vLLM
+    picks the device itself, ``attn_implementation`` is HF's and not used). Both check the folder's metadata."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "vllm":
-        raise ValueError("engine 'vllm' is not available yet in this version of zreward; use --engine hf")
-    return load_model_folder(model_dir, device, dtype, attn_implementation)
+    if engine == "hf":
+        return load_model_folder(model_dir, device, dtype, attn_implementation)
+    from zreward.engines.vllm import VLLMEngine
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    path = Path(model_dir)
+    metadata = read_metadata(path)
+    processor = ScoringProcessor.from_pretrained(path)
+    vocab = _vocab(metadata, processor.tokenizer, path / METADATA_FILE)
+    return VLLMEngine(path, processor.tokenizer, processor.image_processor, vocab, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,7 @@ class Scoring:
 
 
 
-def check_image(image: torch.Tensor, scorer: RewardScorer, name: str = "image") -> torch.Tensor:
+def check_image(image: torch.Tensor, scorer, name: str = "image") -> torch.Tensor:
     """``image`` if it is a float ``[3, H, W]`` tensor the scorer's processor can resize, else a ValueError.
 
     Checked per image before batching, so one bad image fails alone instead of failing its whole batch.
@@ -86,12 +96,12 @@ def check_image(image: torch.Tensor, scorer: RewardScorer, name: str = "image") 
 
 
 @torch.no_grad()  # not inference_mode: tensors the ops cache while scoring must stay usable by training later
-def score_images(scorer: RewardScorer, images: Sequence[torch.Tensor], prompts: Sequence[str],
+def score_images(scorer, images: Sequence[torch.Tensor], prompts: Sequence[str],
                  dimensions: Sequence[str]) -> ScoreDist:
     """Score distributions ``[B, len(dimensions), K]`` of float ``[3, H, W]`` images, in input order.
 
-    The scorer takes one image size per call (``preprocess_images``), so the images are grouped by size and
-    each group is one forward pass.
+    ``scorer``: what :func:`open_scorer` returns. It takes one image size per call (``preprocess_images``), so
+    the images are grouped by size and each group is one forward pass (one batch of requests for vLLM).
     """
     if len(images) != len(prompts) or not images:
         raise ValueError(f"images and prompts must be non-empty and of equal length, got {len(images)} and "
@@ -99,11 +109,13 @@ def score_images(scorer: RewardScorer, images: Sequence[torch.Tensor], prompts: 
     groups = defaultdict(list)
     for index, image in enumerate(images):
         groups[tuple(image.shape)].append(index)
-    device = scorer.lm_head_weight().device
-    dtype = scorer.lm_head_weight().dtype
+    # The HF model takes the images on its device in its dtype; vLLM takes them as they are (it gets 8-bit images).
+    hf = isinstance(scorer, RewardScorer)
     parts = {}
     for indices in groups.values():
-        pixels = torch.stack([images[i] for i in indices]).to(device=device, dtype=dtype)
+        pixels = torch.stack([images[i] for i in indices])
+        if hf:
+            pixels = pixels.to(device=scorer.lm_head_weight().device, dtype=scorer.lm_head_weight().dtype)
         dist = scorer.student_scores(pixels, [prompts[i] for i in indices], dimensions)
         parts.update({i: (dist.probs[n], dist.mean[n], dist.std[n]) for n, i in enumerate(indices)})
     probs, mean, std = (torch.stack([parts[i][k] for i in range(len(images))]) for k in range(3))

@@ -231,7 +231,8 @@ def scorer_from_args(args):
 
 def add_scoring_arguments(parser) -> None:
     """The model-loading and scoring options ``zreward score`` and ``zreward serve`` share."""
-    parser.add_argument("--engine", choices=ENGINES, default="hf", help="inference engine (vllm: not yet available)")
+    parser.add_argument("--engine", choices=ENGINES, default="hf",
+                        help="inference engine: hf (default) or vllm (needs the vllm extra, see the README)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--attn-implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)

@@ -12,9 +12,10 @@ from zreward.scoring.rubric import DIMENSIONS
 from zreward.scoring.scorer import Rollouts
 
 
-class EngineUnavailable(RuntimeError):
-    """An engine cannot start here; the message says why (a missing extra, a model or dtype the backend does not
-    run) and what to do instead."""
+class EngineUnavailable(ValueError):
+    """An engine option that cannot be honoured here; the message says why (a missing extra, a model or dtype the
+    backend does not run) and what to do instead. A ``ValueError``, so the command-line tools report it as they
+    report any bad option."""
 
 
 class InferenceEngine(abc.ABC):

@@ -125,6 +125,8 @@ class VLLMEngine(InferenceEngine):
     """
 
     name = "vllm"
+    _open = 0  # engines started in this process (they share vLLM's process-wide distributed state)
+    _closed: list = []  # closed ones whose shutdown waits for the last open engine (see close)
 
     def __init__(self, model_path, tokenizer, image_processor, vocab, *, scorer: RewardScorer | None = None,
                  dtype: str = "float32", seed: int = 0, probe_tolerance: float | None = None, **llm_options):
@@ -150,6 +152,7 @@ class VLLMEngine(InferenceEngine):
                                         + "; ".join(problems) + " (the CUDA build has none of these limits)")
         options = {"enable_prefix_caching": True, "limit_mm_per_prompt": {"image": 1, "video": 0}, **llm_options}
         self.llm = vllm.LLM(model=self.model_path, dtype=dtype, seed=seed, **options)
+        VLLMEngine._open += 1
         self._vllm = vllm
         self.score_ids = list(vocab.token_ids)
 
@@ -275,15 +278,19 @@ class VLLMEngine(InferenceEngine):
         return gap
 
     def close(self) -> None:
-        """Shut the engine down and free its memory (the engine is unusable afterwards)."""
+        """Shut the engine down (unusable afterwards). With other engines of this process still open, its memory
+        is freed when the last of them closes."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-            cleanup_dist_env_and_memory()
-            gc.collect()
+            # Shutting an engine down (or letting it be collected) tears down vLLM's process-wide distributed
+            # groups, which the other engines of this process still use: the last close shuts them all down.
+            VLLMEngine._closed.append(llm)
+            if len(VLLMEngine._closed) == VLLMEngine._open:
+                for closed in VLLMEngine._closed:
+                    closed.llm_engine.engine_core.shutdown()
+                VLLMEngine._closed.clear()
+                VLLMEngine._open = 0
+                gc.collect()
         folder = self.__dict__.pop("_folder", None)
         if folder is not None:
             folder.cleanup()
