@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -157,3 +158,49 @@ def test_teacher_cache_builds_with_the_engine_it_is_given():
     torch.manual_seed(0)
     default = TeacherCache.build(scorer, data, dimensions=("realism", "aesthetics"), max_new_tokens=2, batch_size=3)
     assert torch.equal(cache.probs, default.probs) and cache.reasoning == default.reasoning
+
+
+# The layout of torchvision's _meta_registrations.py (0.28) the fix knows: guarded register_meta helpers, then two
+# bare register_fake decorators.
+META_REGISTRATIONS = '''import functools
+
+import torch
+import torch.library
+
+# Ensure that torch.ops.torchvision is visible
+import torchvision.extension  # noqa: F401
+
+
+@torch.library.register_fake("torchvision::nms")
+def meta_nms(dets, scores, iou_threshold):
+    return dets.new_empty(0, dtype=torch.long)
+
+
+@torch.library.register_fake("torchvision::qnms")
+def meta_qnms(dets, scores, iou_threshold):
+    return dets.new_empty(0, dtype=torch.long)
+'''
+
+
+def test_torchvision_fix_guards_the_bare_fake_registrations():
+    from zreward.engines.torchvision_fix import GUARDED, UNGUARDED, patch_source
+
+    patched = patch_source(META_REGISTRATIONS)
+    assert UNGUARDED not in patched and patched.count(GUARDED) == 2
+    assert patched.count("def _register_fake_if_ops(") == 1
+    compile(patched, "_meta_registrations.py", "exec")
+    assert patch_source(patched) == patched  # a second run changes nothing
+
+    # Run as torchvision runs it without its C++ ops (torchvision::nms never defined): the original fails the way
+    # the import does, the patched one defines its functions and registers nothing.
+    def run(source):
+        module = {"torchvision": SimpleNamespace(extension=SimpleNamespace(_has_ops=lambda: False))}
+        exec(compile(source.replace("import torchvision.extension  # noqa: F401\n", ""), "meta", "exec"), module)
+        return module
+
+    with pytest.raises(RuntimeError, match="torchvision::nms"):
+        run(META_REGISTRATIONS)
+    module = run(patched)
+    assert callable(module["meta_nms"]) and callable(module["meta_qnms"])
+    with pytest.raises(ValueError, match="not the torchvision layout this fix knows"):
+        patch_source("import torch\n")
