@@ -204,3 +204,17 @@ def test_torchvision_fix_guards_the_bare_fake_registrations():
     assert callable(module["meta_nms"]) and callable(module["meta_qnms"])
     with pytest.raises(ValueError, match="not the torchvision layout this fix knows"):
         patch_source("import torch\n")
+
+
+def test_bench_engines_counts_what_it_times():
+    from benchmarks.bench_engines import main, markdown, run
+
+    results = run("qwen3-vl", prompts=2, group=2, new_tokens=4, batch=2, repeats=1, engines=("hf",))
+    hf = results["hf"]
+    assert hf["rollout_tokens"] == 2 * 2 * 4  # min_new_tokens holds every sample to exactly 4 tokens
+    assert hf["rollout_tokens_per_s"] == pytest.approx(hf["rollout_tokens"] / hf["rollout_seconds"])
+    assert hf["score_images_per_s"] == pytest.approx(2 / hf["score_seconds"])
+    table = markdown(results)
+    assert "| rollout tokens/s |" in table and "| student images/s |" in table
+    with pytest.raises(SystemExit):
+        main(["--group", "0"])

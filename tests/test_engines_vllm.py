@@ -248,3 +248,11 @@ def test_unsupported_model_is_refused_before_starting():
         pytest.skip("the limits are the CPU backend's")
     with pytest.raises(EngineUnavailable, match="CPU backend cannot run.*head_dim 16.*bfloat16 only"):
         VLLMEngine.from_scorer(_scorer(tiny_qwen35(seed=0)))
+
+
+def test_bench_engines_side_by_side():
+    from benchmarks.bench_engines import markdown, run
+
+    results = run("qwen3-vl", prompts=1, group=2, new_tokens=4, batch=2, repeats=1, vllm_options=OPTIONS)
+    assert results["vllm"]["rollout_tokens"] == results["hf"]["rollout_tokens"] == 2 * 4
+    assert "x |" in markdown(results).splitlines()[2]  # the vLLM / HF ratio column
