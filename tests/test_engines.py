@@ -13,7 +13,7 @@ import torch
 
 from zreward.engines import ENGINES, EngineUnavailable, InferenceEngine, make_engine
 from zreward.engines.hf import HFEngine
-from zreward.engines.vllm import cpu_backend_problems, full_weights, probe_image
+from zreward.engines.vllm import backend_problems, full_weights, probe_image
 from zreward.experiments.synthetic import SyntheticPreferences
 from zreward.experiments.tiny_models import ENGINE_QWEN3_VL_CONFIG, ENGINE_QWEN35_CONFIG, tiny_qwen3_vl, tiny_qwen35
 from zreward.scoring.scorer import RewardScorer
@@ -88,21 +88,25 @@ def test_vllm_without_the_extra_says_how_to_install(monkeypatch):
         make_engine("vllm", _scorer())
 
 
-def test_cpu_backend_problems_name_each_limit():
+def test_backend_problems_name_each_limit():
     default, _ = tiny_qwen35(seed=0)
-    problems = cpu_backend_problems(default.config, "float32", HEAD_SIZES)
+    assert backend_problems(default.config, "float32") == []  # CUDA: no CPU limits
+    problems = backend_problems(default.config, "float32", HEAD_SIZES)
     assert len(problems) == 4
     assert "head_dim 16" in problems[0] and "linear_key_head_dim 8" in problems[1]
     assert "linear_value_head_dim 8" in problems[2] and "bfloat16 only" in problems[3]
     engine_model, _ = tiny_qwen35(seed=0, **ENGINE_QWEN35_CONFIG)
-    assert cpu_backend_problems(engine_model.config, "bfloat16", HEAD_SIZES) == []
-    assert cpu_backend_problems(engine_model.config, "float32", HEAD_SIZES) == [
+    assert backend_problems(engine_model.config, "bfloat16", HEAD_SIZES) == []
+    assert backend_problems(engine_model.config, "float32", HEAD_SIZES) == [
         "its linear-attention (gated delta net) layers run in bfloat16 only, got dtype float32"]
     vl, _ = tiny_qwen3_vl(seed=0)
-    assert cpu_backend_problems(vl.config, "float32", HEAD_SIZES) == [
+    assert backend_problems(vl.config, "float32", HEAD_SIZES) == [
         f"attention head_dim 16 is not one of {list(HEAD_SIZES)}"]
     vl, _ = tiny_qwen3_vl(seed=0, **ENGINE_QWEN3_VL_CONFIG)
-    assert cpu_backend_problems(vl.config, "float32", HEAD_SIZES) == []
+    assert backend_problems(vl.config, "float32", HEAD_SIZES) == []
+    full_attention_only, _ = tiny_qwen35(seed=0, layer_types=["full_attention"] * 2)
+    assert backend_problems(full_attention_only.config, "bfloat16") == [
+        "vLLM runs Qwen3.5 as a hybrid model, and layer_types has no linear_attention layer"]
 
 
 def test_full_weights_merge_lora_without_touching_the_model():
@@ -218,3 +222,14 @@ def test_bench_engines_counts_what_it_times():
     assert "| rollout tokens/s |" in table and "| student images/s |" in table
     with pytest.raises(SystemExit):
         main(["--group", "0"])
+
+
+def test_demo_and_ablate_take_an_engine():
+    from zreward.cli import build_parser
+
+    parser = build_parser()
+    for command in ("demo", "ablate"):
+        assert parser.parse_args([command]).engine == "hf"
+        assert parser.parse_args([command, "--engine", "vllm"]).engine == "vllm"
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--engine", "onnx"])

@@ -256,3 +256,23 @@ def test_bench_engines_side_by_side():
     results = run("qwen3-vl", prompts=1, group=2, new_tokens=4, batch=2, repeats=1, vllm_options=OPTIONS)
     assert results["vllm"]["rollout_tokens"] == results["hf"]["rollout_tokens"] == 2 * 4
     assert "x |" in markdown(results).splitlines()[2]  # the vLLM / HF ratio column
+
+
+def test_demo_and_ablation_run_on_vllm(tmp_path):
+    from zreward.experiments.ablate import AblationConfig, run_ablation
+    from zreward.experiments.demo import DemoConfig, run_demo
+    from zreward.training.opd import OPDConfig
+    from zreward.training.risd import RISDConfig
+    from zreward.training.gdso import GDSOConfig
+
+    gdso = GDSOConfig(group_size=2, pairs_per_batch=1, max_new_tokens=2, steps_per_iteration=1)
+    risd = RISDConfig(batch_size=2, teacher_max_new_tokens=2)
+    summary = run_demo(DemoConfig(steps=1, train_prompts=2, eval_prompts=2, image_size=32, engine="vllm", gdso=gdso,
+                                  risd=risd, output_dir=str(tmp_path / "demo")), log=lambda line: None)
+    assert summary["config"]["engine"] == "vllm" and len(summary["gdso_history"]) == 1
+    assert all(torch.isfinite(torch.tensor(m["hpa"])) for m in summary["stages"].values())
+    result = run_ablation(AblationConfig(seeds=1, teacher_steps=1, student_steps=1, eval_every=1, train_prompts=2,
+                                         eval_prompts=2, image_size=32, workers=1, engine="vllm",
+                                         output_dir=str(tmp_path / "ablate"), gdso=gdso, risd=risd,
+                                         opd=OPDConfig(batch_size=2, max_new_tokens=2)), progress=False)
+    assert result["config"]["engine"] == "vllm" and "gdso" in result["arms"]

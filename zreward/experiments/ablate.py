@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from zreward.engines import ENGINES
 from zreward.experiments.arms import (DESCRIPTIONS, REASONING_STUDENT_ARMS, STUDENT_ARMS, TEACHER_ARMS,
                                       TEACHER_FOR_RISD, rewarddance_task, student_sft_task, teacher_task,
                                       zero_shot_task)
@@ -60,6 +61,7 @@ class AblationConfig:
     threads: int = 1
     workers: int | None = None       # worker processes; None: one per CPU core, at most one per arm (one on CUDA)
     output_dir: str = "zreward-ablate"
+    engine: str = "hf"               # samples the GDSO teachers' rollouts and the RISD cache (zreward.engines)
     train_prompts: int = _DEMO.train_prompts
     eval_prompts: int = _DEMO.eval_prompts
     candidates: int = _DEMO.candidates
@@ -95,6 +97,9 @@ def add_parser(subparsers) -> None:
                         help="torch CPU threads per process (default %(default)s, fastest for these tiny models)")
     parser.add_argument("--workers", type=_positive_int, default=defaults.workers,
                         help="arms trained in parallel processes (default: one per CPU core, one on CUDA)")
+    parser.add_argument("--engine", choices=ENGINES, default=defaults.engine,
+                        help="what samples the GDSO arms' rollouts and the RISD teacher cache (default %(default)s; "
+                             "vllm: every teacher is the bf16 hybrid variant vLLM's CPU backend runs)")
     parser.set_defaults(run=_run_from_args, parser=parser)
 
 
@@ -113,7 +118,7 @@ def _run_from_args(args) -> int:
         args.parser.error("argument --device: cuda was asked for but torch sees no CUDA device")
     config = AblationConfig(seeds=args.seeds, teacher_steps=args.teacher_steps, student_steps=args.student_steps,
                             eval_every=args.eval_every, device=args.device, threads=args.threads,
-                            workers=args.workers, output_dir=args.output_dir)
+                            workers=args.workers, output_dir=args.output_dir, engine=args.engine)
     result = run_ablation(config)
     print((Path(config.output_dir) / "ablation.md").read_text())
     print(f"wrote {config.output_dir}/ablation.json, ablation.md and ablation.png in {result['runtime_s']} s")

@@ -11,10 +11,10 @@ from dataclasses import replace
 
 import torch
 
-from zreward.experiments.demo import student_metrics, teacher_metrics
+from zreward.experiments.demo import student_metrics, teacher_engine, teacher_metrics
 from zreward.experiments.rationales import label_rationales, reasoning_probe
 from zreward.experiments.synthetic import SyntheticPreferences
-from zreward.experiments.tiny_models import STUDENT_CONFIG, TEACHER_CONFIG, tiny_scorer
+from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer, tiny_teacher
 from zreward.training.gdso import GDSOTrainer
 from zreward.training.opd import OPDTrainer
 from zreward.training.rationale_sft import RationaleSFTConfig, RationaleSFTTrainer
@@ -60,7 +60,7 @@ class _Seed:
                                              seed=seed + 1, spread=config.spread)
 
     def teacher(self):
-        return tiny_scorer(self.seed, TEACHER_CONFIG, self.device)
+        return tiny_teacher(self.seed, self.device, self.config.engine)
 
     def student(self):
         return tiny_scorer(self.seed + 1, STUDENT_CONFIG, self.device)
@@ -115,7 +115,9 @@ def teacher_task(config, seed: int, name: str, ticks) -> dict:
     run = _Seed(config, seed)
     teacher = run.teacher()
     torch.manual_seed(seed)
-    trainer = GDSOTrainer(teacher, run.train, run.train.pairs(), replace(config.gdso, seed=seed, **TEACHER_ARMS[name]))
+    engine = teacher_engine(config.engine, teacher, seed)
+    trainer = GDSOTrainer(teacher, run.train, run.train.pairs(), replace(config.gdso, seed=seed, **TEACHER_ARMS[name]),
+                          engine=engine)
     curve, _ = _train(trainer, config.teacher_steps, config.eval_every, lambda: run.teacher_metrics(teacher, 1), ticks)
     reasoning = sum(m["completion_tokens"] for m in trainer.history) / len(trainer.history)
     out = {name: entry(seed, run.teacher_metrics(teacher, config.eval_teacher_samples), reasoning + 1, curve,
@@ -123,9 +125,11 @@ def teacher_task(config, seed: int, name: str, ticks) -> dict:
     if name == TEACHER_FOR_RISD:
         risd = config.risd
         cache = TeacherCache.build(teacher, run.train, num_samples=risd.teacher_samples,
-                                   max_new_tokens=risd.teacher_max_new_tokens, temperature=risd.teacher_temperature)
+                                   max_new_tokens=risd.teacher_max_new_tokens, temperature=risd.teacher_temperature,
+                                   engine=engine)
         out["risd"] = run.student_arm(run.student(), cache, ticks)
         out["opd"] = run.opd_arm(teacher, ticks)
+    engine.close()
     return out
 
 

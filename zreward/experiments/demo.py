@@ -24,7 +24,8 @@ import torch
 
 from zreward.deploy.model_folder import save_model_folder
 from zreward.experiments.synthetic import SyntheticPreferences
-from zreward.experiments.tiny_models import STUDENT_CONFIG, TEACHER_CONFIG, tiny_scorer
+from zreward.engines import ENGINES, make_engine
+from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer, tiny_teacher
 from zreward.metrics import reward_metrics
 from zreward.scoring.rubric import DIMENSIONS
 from zreward.scoring.scorer import RewardScorer
@@ -46,6 +47,7 @@ class DemoConfig:
     seed: int = 0
     device: str = "cpu"
     output_dir: str = "zreward-demo"
+    engine: str = "hf"              # samples the teacher's rollouts (zreward.engines); "vllm" needs the vllm extra
     eval_teacher_samples: int = 2
     # lr 1e-3 for both: the random-init models' image-dependent signal at the score position is tiny (the last
     # position attends almost uniformly over ~300 prompt tokens, 16 of them visual); at 3e-3 or 1e-2 AdamW's
@@ -66,11 +68,15 @@ def add_parser(subparsers) -> None:
                         help="where the PNG, JSON, caches and model folders go")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    parser.add_argument("--engine", choices=ENGINES, default=defaults.engine,
+                        help="what samples the teacher's rollouts (GDSO, its evaluation, the RISD teacher cache); "
+                             "vllm: the teacher is the bf16 hybrid variant vLLM's CPU backend runs")
     parser.set_defaults(run=_run_from_args)
 
 
 def _run_from_args(args) -> int:
-    run_demo(DemoConfig(steps=args.steps, output_dir=args.output_dir, seed=args.seed, device=args.device))
+    run_demo(DemoConfig(steps=args.steps, output_dir=args.output_dir, seed=args.seed, device=args.device,
+                        engine=args.engine))
     return 0
 
 
@@ -89,12 +95,15 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     log(f"data: {len(train)} train images ({len(pairs)} same-prompt pairs over {len(DIMENSIONS)} dimensions), "
         f"{len(held_out)} held-out images")
 
-    teacher = tiny_scorer(config.seed, TEACHER_CONFIG, device)
+    teacher = tiny_teacher(config.seed, device, config.engine)
     student = tiny_scorer(config.seed + 1, STUDENT_CONFIG, device)
     log(f"teacher {_count(teacher.model) / 1e6:.2f}M params, student {_count(student.model) / 1e6:.2f}M params")
 
+    engine = teacher_engine(config.engine, teacher, config.seed)
+
     def evaluate_teacher():
-        return teacher_metrics(teacher, held_out, device, config.eval_teacher_samples, config.gdso.max_new_tokens)
+        return teacher_metrics(teacher, held_out, device, config.eval_teacher_samples, config.gdso.max_new_tokens,
+                               engine)
 
     def evaluate_student():
         return student_metrics(student, held_out, device)
@@ -103,14 +112,15 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     _report(log, "teacher before GDSO", stages["teacher_before"])
     _report(log, "student before RISD", stages["student_before"])
 
-    gdso = GDSOTrainer(teacher, train, pairs, config.gdso)
+    gdso = GDSOTrainer(teacher, train, pairs, config.gdso, engine=engine)
     gdso.train(config.steps, log=lambda m: _progress(log, "gdso", m, config.steps))
     stages["teacher_after"] = evaluate_teacher()
     _report(log, "teacher after GDSO", stages["teacher_after"])
 
     cache = TeacherCache.build(teacher, train, num_samples=config.risd.teacher_samples,
                                max_new_tokens=config.risd.teacher_max_new_tokens,
-                               temperature=config.risd.teacher_temperature)
+                               temperature=config.risd.teacher_temperature, engine=engine)
+    engine.close()
     cache.save(out / "teacher_cache")
     log(f"teacher distributions cached in {out / 'teacher_cache'}")
     risd_steps = config.steps * config.risd_steps_per_gdso_step
@@ -132,13 +142,22 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     return summary
 
 
+def teacher_engine(name: str, teacher: RewardScorer, seed: int):
+    """The engine ``name`` for the tiny teacher; vLLM sampling from ``seed``, with a context for the tiny prompts
+    (not the config's 256k, whose KV cache would not fit) and eager execution (compiling graphs takes longer
+    than these models run)."""
+    options = {"seed": seed, "max_model_len": 2048, "enforce_eager": True} if name == "vllm" else {}
+    return make_engine(name, teacher, **options)
+
+
 @torch.no_grad()
 def teacher_metrics(teacher: RewardScorer, data: SyntheticPreferences, device: torch.device, samples: int,
-                    max_new_tokens: int) -> dict:
-    """``held_out_metrics`` of the teacher's expected scores over ``samples`` reasoning rollouts per row."""
+                    max_new_tokens: int, engine="hf") -> dict:
+    """``held_out_metrics`` of the teacher's expected scores over ``samples`` reasoning rollouts per row, sampled
+    by ``engine`` (``zreward.engines``)."""
     everything = range(len(data))
     scores = teacher_expected_scores(teacher, data.images(everything).to(device), data.prompts(everything),
-                                     DIMENSIONS, samples, max_new_tokens)
+                                     DIMENSIONS, samples, max_new_tokens, engine=engine)
     return held_out_metrics(scores.cpu(), data)
 
 

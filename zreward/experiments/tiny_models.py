@@ -40,6 +40,11 @@ ENGINE_QWEN3_VL_CONFIG = {
                         "mrope_interleaved": True},
 }
 
+# The demo's teacher as vLLM runs it (``--engine vllm``): vLLM treats Qwen3.5 as hybrid (one linear-attention
+# layer needed), and its CPU backend needs the engine-test head sizes and bf16 for that layer.
+VLLM_TEACHER_CONFIG = {**TEACHER_CONFIG, **ENGINE_QWEN35_CONFIG, "layer_types": ["linear_attention", "full_attention"]}
+
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>", "<think>", "</think>")
 
@@ -165,6 +170,15 @@ def tiny_scorer(seed: int, overrides: dict, device: torch.device | str = "cpu") 
     """A tiny random-init Qwen3.5 (``TEACHER_CONFIG``, ``STUDENT_CONFIG`` or other config overrides) as a scorer."""
     model, processor = tiny_qwen35(seed=seed, **overrides)
     return RewardScorer(model.to(device), processor, ScoreVocab.from_tokenizer(processor.tokenizer))
+
+
+def tiny_teacher(seed: int, device: torch.device | str = "cpu", engine: str = "hf") -> RewardScorer:
+    """The demo's teacher: ``TEACHER_CONFIG`` in fp32, or for ``engine="vllm"`` ``VLLM_TEACHER_CONFIG`` in bf16."""
+    if engine != "vllm":
+        return tiny_scorer(seed, TEACHER_CONFIG, device)
+    scorer = tiny_scorer(seed, VLLM_TEACHER_CONFIG, device)
+    scorer.model.to(torch.bfloat16)
+    return scorer
 
 
 def tiny_zimage_pipeline(seed: int = 0, dim: int = 32, n_layers: int = 2, text_dim: int = 32, latent_channels: int = 4):
