@@ -29,10 +29,13 @@ from zreward.scoring.vocab import ScoreVocab  # noqa: E402
 
 OPTIONS = {"max_model_len": 1024, "enforce_eager": True}
 PROMPTS = ["a red cube on a blue sphere", "two cats on a sofa"]
-# fp32: vLLM and HF agree to rounding (measured 3e-8 on probabilities). bf16: both run the same bf16 weights with
-# different kernels and accumulation orders; HF's own bf16 differs from its fp32 by about as much (measured
-# below), so the bound is a small multiple of that gap.
+# fp32: vLLM and HF agree to rounding (measured 5e-8 on probabilities). bf16: both run the same bf16 weights with
+# different kernels and accumulation orders, and HF's own bf16 differs from its fp32 by about as much (3.0e-4 and
+# 2.0e-4 measured), so the student bound is twice HF's bf16-vs-fp32 gap on the same inputs plus 1e-3.
 FP32_TOL = 1e-5
+# Where no fp32 run is at hand (rollouts, LoRA): measured gaps were 2.4e-4 (vLLM vs HF, both bf16) and 2.0e-4 (HF
+# bf16 vs HF fp32) on these models; the bound leaves a margin of about 8x.
+BF16_TOL = 2e-3
 
 
 def _scorer(model_and_processor):
@@ -126,7 +129,7 @@ def test_rollouts_rescored_by_hf_give_the_reported_distributions(which, request)
         torch.testing.assert_close(rescored.probs, rollouts.scores.probs, rtol=0, atol=FP32_TOL)
     else:
         gap = float((rescored.probs.float() - rollouts.scores.probs).abs().max())
-        assert gap <= 1e-2, f"HF bf16 re-scoring differs from vLLM's bf16 scores by {gap:.3g}"
+        assert gap <= BF16_TOL, f"HF bf16 re-scoring differs from vLLM's bf16 scores by {gap:.3g}"
     forced = engine.teacher_rollouts(images[:1], PROMPTS[:1], "realism", 2, 5, min_new_tokens=5)
     assert forced.completion_mask.sum(1).tolist() == [5, 5]
 
@@ -188,7 +191,7 @@ def test_lora_weights_sync_merged(q35):
         after = engine.student_scores(images, PROMPTS[:1])
         assert float((after.probs - before.probs).abs().max()) > 1e-3
         expected = lora_scorer.student_scores(images, PROMPTS[:1]).probs.float()
-        assert float((after.probs - expected).abs().max()) <= 1e-2
+        assert float((after.probs - expected).abs().max()) <= BF16_TOL
     finally:
         engine.scorer = scorer
         engine.sync_weights(scorer.model)
@@ -276,3 +279,23 @@ def test_demo_and_ablation_run_on_vllm(tmp_path):
                                          output_dir=str(tmp_path / "ablate"), gdso=gdso, risd=risd,
                                          opd=OPDConfig(batch_size=2, max_new_tokens=2)), progress=False)
     assert result["config"]["engine"] == "vllm" and "gdso" in result["arms"]
+
+
+def test_zreward_serve_on_vllm(vl):
+    import httpx
+
+    from zreward.deploy.engine import Scoring, score_images
+    from zreward.deploy.images import encode_image
+    from zreward.deploy.serve import BackgroundServer
+    from zreward.deploy.service import create_app
+
+    scorer, engine = vl
+    images = _grid_images(seed=8)
+    uint8 = [(i * 255).round().to(torch.uint8).permute(1, 2, 0).numpy() for i in images]
+    with BackgroundServer(create_app(engine)) as running:  # requests scored from the service's batching thread
+        response = httpx.post(f"{running.url}/score", json={"images": [encode_image(i) for i in uint8],
+                                                             "prompts": PROMPTS}, timeout=120)
+    assert response.status_code == 200
+    expected = Scoring().records(score_images(scorer, list(images), PROMPTS, Scoring().dimensions))
+    for got, want in zip(response.json()["results"], expected):
+        assert got["reward"] == pytest.approx(want["reward"], abs=1e-5)
