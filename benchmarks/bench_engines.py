@@ -79,7 +79,8 @@ def measure(engine, scorer: RewardScorer, prompts: int, group: int, new_tokens: 
 
 def run(model: str = "qwen3-vl", prompts: int = 4, group: int = 8, new_tokens: int = 64, batch: int = 16,
         repeats: int = 3, device: str = "cpu", engines=("hf", "vllm"), vllm_options: dict | None = None) -> dict:
-    """``{"settings": ..., "<engine>": measure(...) + {"start_seconds"}}`` for each of ``engines``."""
+    """``{"settings": ..., "<engine>": measure(...) + {"start_seconds", "sync_seconds"}}`` for each of
+    ``engines``."""
     from zreward.engines import make_engine
 
     scorer = build_scorer(model, device)
@@ -94,6 +95,9 @@ def run(model: str = "qwen3-vl", prompts: int = 4, group: int = 8, new_tokens: i
         try:
             results[name] = {"start_seconds": start_seconds,
                              **measure(engine, scorer, prompts, group, new_tokens, batch, repeats)}
+            started = time.perf_counter()
+            engine.sync_weights(scorer.model)  # what GDSO pays per optimizer step (vLLM: reload, resets, probe)
+            results[name]["sync_seconds"] = time.perf_counter() - started
         finally:
             engine.close()
     return results
@@ -104,11 +108,12 @@ def markdown(results: dict) -> str:
     engines = [name for name in ("hf", "vllm") if name in results]
     lines = ["| | " + " | ".join(engines) + (" | vLLM / HF |" if len(engines) == 2 else " |"),
              "|---|" + "---:|" * (len(engines) + (len(engines) == 2))]
-    for key, label in (("rollout_tokens_per_s", "rollout tokens/s"), ("score_images_per_s", "student images/s"),
-                       ("start_seconds", "engine start (s)")):
+    for key, label, digits in (("rollout_tokens_per_s", "rollout tokens/s", 0),
+                               ("score_images_per_s", "student images/s", 1), ("start_seconds", "engine start (s)", 2),
+                               ("sync_seconds", "weight sync (s)", 3)):
         row = [results[name][key] for name in engines]
-        ratio = [f"{row[1] / row[0]:.2f}x"] if len(row) == 2 else []
-        lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in row) + "".join(f" | {r}" for r in ratio)
+        ratio = ([f"{row[1] / row[0]:.2f}x" if key.endswith("per_s") else ""] if len(row) == 2 else [])
+        lines.append(f"| {label} | " + " | ".join(f"{v:.{digits}f}" for v in row) + "".join(f" | {r}" for r in ratio)
                      + " |")
     return "\n".join(lines)
 
