@@ -99,6 +99,7 @@ def test_trainer_learns_only_from_teacher_student_differences(tiny):
     history = trainer.train(2)
     assert [m["step"] for m in history] == [1, 2]
     assert all(1 <= m["output_tokens"] <= config.max_new_tokens + 1 for m in history)
+    assert all(0.0 < m["score_token_share"] <= 1.0 for m in history)
     assert any(not torch.equal(v, initial[k]) for k, v in student.model.state_dict().items())
 
 

@@ -95,6 +95,8 @@ class OPDTrainer(TrainerBase):
     those tokens on the student's prefixes, and one optimizer step minimises Eq. 19.
 
     Teacher and student must share the tokenizer and the score tokens (the teacher reads the student's token ids).
+    Each step logs the loss, ``reverse_kl`` (``-mean A_t``), ``output_tokens`` (mean T) and ``score_token_share``
+    (the score token's part of ``sum |A_t|``).
     """
 
     def __init__(self, student, teacher, data, config: OPDConfig | None = None, dimensions=DIMENSIONS,
@@ -118,7 +120,7 @@ class OPDTrainer(TrainerBase):
         indices = self._next_indices(len(self.data), cfg.batch_size)
         images = self.data.images(indices).to(self.ctx.device)
         prompts = self.data.prompts(indices)
-        losses, advantages, lengths = [], [], []
+        losses, advantages, lengths, score_shares = [], [], [], []
         for dimension in self.dimensions:
             self.model.eval()  # sampling as at inference (no dropout)
             rollouts = self.student.teacher_rollouts(images, prompts, dimension, 1, cfg.max_new_tokens,
@@ -133,6 +135,8 @@ class OPDTrainer(TrainerBase):
             advantage = opd_advantages(teacher_logprobs, logprobs.detach(), mask)
             losses.append(opd_loss(logprobs, advantage, mask))
             advantages.append((advantage.sum() / mask.sum()).detach())
+            # how much of the teacher's signal sits on the score token (the last column) rather than the reasoning
+            score_shares.append(advantage[:, -1].abs().sum() / advantage.abs().sum().clamp(min=1e-12))
             lengths.append(mask.sum(-1).mean())
         loss = torch.stack(losses).mean()
         grad_norm = self._apply(loss)
@@ -141,6 +145,7 @@ class OPDTrainer(TrainerBase):
         # -mean A_t is the sampled per-token reverse KL(pi_old || pi_T) on the student's own tokens
         metrics = {"step": self.state["step"], "loss": float(all_reduce_mean(loss.detach())), "grad_norm": grad_norm,
                    "reverse_kl": float(all_reduce_mean(-torch.stack(advantages).mean())),
-                   "output_tokens": float(torch.stack(lengths).mean())}
+                   "output_tokens": float(torch.stack(lengths).mean()),
+                   "score_token_share": float(all_reduce_mean(torch.stack(score_shares).mean()))}
         self.history.append(metrics)
         return metrics
