@@ -253,7 +253,8 @@ class GDSOTrainer(TrainerBase):
     ``engine`` samples the rollouts (``zreward.engines``): ``"hf"`` (default) runs ``generate`` on the policy
     itself; ``"vllm"`` or a :class:`~zreward.engines.InferenceEngine` samples with an engine colocated in this
     process, whose weights are synced from the policy after every optimizer step (and after ``load``). Either
-    way the log-probs and score distributions of the loss are recomputed by the policy.
+    way the log-probs and score distributions of the loss are recomputed by the policy. An engine started from a
+    name lives as long as the trainer (``trainer.engine.close()`` frees it).
     """
 
     def __init__(self, scorer, data, pairs, config: GDSOConfig | None = None, ctx: DistContext | None = None,
@@ -392,16 +393,22 @@ def completion_layout(rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def teacher_expected_scores(scorer, images: torch.Tensor, prompts, dimensions, num_samples: int = 2,
                             max_new_tokens: int = 16, batch_size: int = 16, engine="hf") -> torch.Tensor:
     """Teacher score per image and dimension ``[B, D]``: the mean over ``num_samples`` reasoning rollouts of the
-    expected score decoded after each (Eq. 6), sampled by ``engine`` (``zreward.engines``)."""
-    engine = make_engine(engine, scorer)
+    expected score decoded after each (Eq. 6), sampled by ``engine`` (``zreward.engines``; one started here from a
+    name is shut down before returning)."""
+    sampler = make_engine(engine, scorer)
     columns = []
-    for dimension in dimensions:
-        parts = []
-        for start in range(0, images.shape[0], batch_size):
-            rollouts = engine.teacher_rollouts(images[start:start + batch_size], prompts[start:start + batch_size],
-                                               dimension, num_samples, max_new_tokens)
-            parts.append(rollouts.scores.mean.mean(1))
-        columns.append(torch.cat(parts))
+    try:
+        for dimension in dimensions:
+            parts = []
+            for start in range(0, images.shape[0], batch_size):
+                rollouts = sampler.teacher_rollouts(images[start:start + batch_size],
+                                                    prompts[start:start + batch_size], dimension, num_samples,
+                                                    max_new_tokens)
+                parts.append(rollouts.scores.mean.mean(1))
+            columns.append(torch.cat(parts))
+    finally:
+        if sampler is not engine:
+            sampler.close()
     return torch.stack(columns, 1)
 
 
