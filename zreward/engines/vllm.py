@@ -127,7 +127,8 @@ class VLLMEngine(InferenceEngine):
     ``student_scores``. ``dtype``: the engine's weights (``"float32"``, ``"bfloat16"``, ``"float16"``).
     ``seed``: the engine's sampling seed (per-request seeds are not used: the CPU build rejects them for
     Qwen3.5). ``probe_tolerance``: largest probability difference a verified sync accepts (default 1e-4 in
-    float32, 1e-2 in 16-bit, where HF's own bf16 and fp32 differ by up to 1e-3 on tiny models).
+    float32; 1e-2 in 16-bit, where the two sides' kernels round differently: 3e-4 apart on the tiny bf16 Qwen3.5,
+    more on deeper models).
     ``llm_options`` go to ``vllm.LLM`` (``max_model_len``, ``kv_cache_memory_bytes``, ``gpu_memory_utilization``...).
     """
 
