@@ -51,8 +51,8 @@ class AblationConfig:
     seeds: int = 3
     # 80 GDSO steps: GDSO's held-out HPA usually rises between steps 50 and 100, but 100 steps for every arm took
     # 17 minutes with three seeds on our loaded 2-core machine.
-    teacher_steps: int = 80          # GDSO steps of every teacher arm (gdso.updates_per_batch optimizer updates each)
-    student_steps: int = 50          # RISD steps (= optimizer updates) of every student arm
+    teacher_steps: int = 80          # batches of every teacher arm (gdso.updates_per_batch optimizer updates each)
+    student_steps: int = 50          # steps (= optimizer updates) of every student arm
     eval_every: int = 20             # held-out HPA for the training curves, every this many steps
     device: str = "cpu"
     # One thread per process: the tiny models' ops are too small to split, and on a shared CPU OpenMP threads
@@ -86,10 +86,10 @@ def add_parser(subparsers) -> None:
                         help="where ablation.json, .md and .png go (default %(default)s)")
     parser.add_argument("--seeds", type=_positive_int, default=defaults.seeds, help="seeds 0..N-1 (default %(default)s)")
     parser.add_argument("--teacher-steps", type=_positive_int, default=defaults.teacher_steps,
-                        help="GDSO steps per teacher arm, each of gdso.updates_per_batch optimizer updates "
+                        help="batches per teacher arm, each of gdso.updates_per_batch optimizer updates "
                              "(default %(default)s)")
     parser.add_argument("--student-steps", type=_positive_int, default=defaults.student_steps,
-                        help="RISD steps (optimizer updates) per student arm (default %(default)s)")
+                        help="steps (optimizer updates) per student arm (default %(default)s)")
     parser.add_argument("--eval-every", type=_positive_int, default=defaults.eval_every,
                         help="steps between the training-curve evaluations (default %(default)s)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device)
