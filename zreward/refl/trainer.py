@@ -85,8 +85,7 @@ class ReFLTrainer(TrainerBase):
         self.params = prepare_generator(adapter, config.lora_rank, config.lora_alpha,
                                         config.transformer_checkpointing, config.seed)
         self.trainable = TrainableParameters(adapter.generator)
-        super().__init__(self.trainable, config, lr=config.lr, weight_decay=config.weight_decay,
-                         max_grad_norm=config.max_grad_norm, seed=config.seed, ctx=ctx)
+        super().__init__(self.trainable, config, ctx)
         self.prompts = config.train_prompts()
 
     def default_steps(self) -> int:

@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from zreward.data import jsonl_values
 from zreward.training.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -33,18 +34,16 @@ class TrainerBase(abc.ABC):
     """Optimizer, data order, checkpoints and the training loop of every zreward trainer.
 
     ``model`` holds the trainable parameters (those with ``requires_grad``) and is what checkpoints store;
-    ``config`` is a dataclass saved with every checkpoint.
+    ``config`` is a dataclass saved with every checkpoint, with the fields ``lr``, ``weight_decay``,
+    ``max_grad_norm`` and ``seed`` that every trainer's config has.
     """
 
-    def __init__(self, model: torch.nn.Module, config, *, lr: float, weight_decay: float, max_grad_norm: float,
-                 seed: int, ctx: DistContext | None = None):
+    def __init__(self, model: torch.nn.Module, config, ctx: DistContext | None = None):
         self.ctx = ctx or DistContext(device=next(model.parameters()).device)
         self.model, self.config = model, config
         broadcast_parameters(model)
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                           weight_decay=weight_decay)
-        self.max_grad_norm = max_grad_norm
-        self.seed = seed
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                           weight_decay=config.weight_decay)
         self.state = {"step": 0, "epoch": 0, "position": 0}
         self.history: list[dict] = []
 
@@ -63,13 +62,13 @@ class TrainerBase(abc.ABC):
 
     def _next_indices(self, num_items: int, per_step: int) -> list[int]:
         """The next ``per_step`` of this rank's shard of the (seed, epoch) order; a new epoch when it runs out."""
-        order = shard_indices(num_items, self.ctx, self.seed, self.state["epoch"])
+        order = shard_indices(num_items, self.ctx, self.config.seed, self.state["epoch"])
         if len(order) < per_step:
             raise ValueError(f"each rank needs at least {per_step} items per step, got {len(order)}")
         if self.state["position"] + per_step > len(order):
             self.state["epoch"] += 1
             self.state["position"] = 0
-            order = shard_indices(num_items, self.ctx, self.seed, self.state["epoch"])
+            order = shard_indices(num_items, self.ctx, self.config.seed, self.state["epoch"])
         start = self.state["position"]
         self.state["position"] += per_step
         return order[start:start + per_step]
@@ -81,7 +80,7 @@ class TrainerBase(abc.ABC):
         loss.backward()
         all_reduce_gradients(self.model)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         self.optimizer.step()
         self.on_optimizer_step()
         return float(norm)
@@ -109,8 +108,6 @@ class TrainerBase(abc.ABC):
         if self.step_count == 0:
             for record in self.extra_records(finished=False):
                 write(record)
-        from tqdm.auto import tqdm
-
         with tqdm(total=total, initial=self.step_count, desc=type(self).__name__, unit="step",
                   disable=not (progress and self.ctx.is_main)) as bar:
             while self.step_count < total:

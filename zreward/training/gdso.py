@@ -266,12 +266,11 @@ class GDSOTrainer(TrainerBase):
             raise ValueError(f"reward_source must be one of {REWARD_SOURCES}, got {config.reward_source!r}")
         if not config.policy_weight >= 0:
             raise ValueError(f"policy_weight must be >= 0, got {config.policy_weight!r}")
-        super().__init__(scorer.model, config, lr=config.lr, weight_decay=config.weight_decay,
-                         max_grad_norm=config.max_grad_norm, seed=config.seed, ctx=ctx)
+        super().__init__(scorer.model, config, ctx)
         self.scorer, self.data = scorer, data
         vocab = scorer.vocab
         self.score_min, self.score_max = vocab.score_min, vocab.score_max
-        self.batches = _dimension_batches(pairs, config.pairs_per_batch, config.seed)
+        self.batches = dimension_batches(pairs, config.pairs_per_batch, config.seed)
         self.reference: torch.nn.Module | None = None
         self.engine = make_engine(engine, scorer)
 
@@ -417,7 +416,7 @@ def _rollout_batch(rollouts) -> dict:
             "mm_token_type_ids": rollouts.mm_token_type_ids}
 
 
-def _dimension_batches(pairs, pairs_per_batch: int, seed: int) -> list[list]:
+def dimension_batches(pairs, pairs_per_batch: int, seed: int) -> list[list]:
     """Fixed batches of ``pairs_per_batch`` same-dimension pairs drawn in a seeded order (the trainer then
     shuffles the batch order every epoch)."""
     by_dimension: dict[str, list] = {}

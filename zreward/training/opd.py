@@ -107,8 +107,7 @@ class OPDTrainer(TrainerBase):
         if list(teacher.vocab.token_ids) != list(student.vocab.token_ids):
             raise ValueError(f"teacher score tokens {list(teacher.vocab.token_ids)} differ from the student's "
                              f"{list(student.vocab.token_ids)}")
-        super().__init__(student.model, config, lr=config.lr, weight_decay=config.weight_decay,
-                         max_grad_norm=config.max_grad_norm, seed=config.seed, ctx=ctx)
+        super().__init__(student.model, config, ctx)
         self.student, self.teacher, self.data, self.dimensions = student, teacher, data, tuple(dimensions)
         teacher.model.eval()  # frozen: only scored under no_grad
 

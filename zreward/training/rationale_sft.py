@@ -22,7 +22,7 @@ from zreward.scoring.image_processing import preprocess_images
 from zreward.scoring.rubric import chat_prompt
 from zreward.training.base import TrainerBase
 from zreward.training.distributed import DistContext, all_reduce_mean
-from zreward.training.gdso import _dimension_batches, token_logprobs
+from zreward.training.gdso import dimension_batches, token_logprobs
 
 
 class WrittenBatch(NamedTuple):
@@ -111,10 +111,9 @@ class RationaleSFTTrainer(TrainerBase):
         config = config or RationaleSFTConfig()
         if not callable(rationale):
             raise TypeError(f"rationale must be a callable (index, dimension) -> text, got {type(rationale).__name__}")
-        super().__init__(scorer.model, config, lr=config.lr, weight_decay=config.weight_decay,
-                         max_grad_norm=config.max_grad_norm, seed=config.seed, ctx=ctx)
+        super().__init__(scorer.model, config, ctx)
         self.scorer, self.data, self.rationale = scorer, data, rationale
-        self.batches = _dimension_batches(pairs, config.pairs_per_batch, config.seed)
+        self.batches = dimension_batches(pairs, config.pairs_per_batch, config.seed)
 
     def default_steps(self) -> int:
         return self.config.steps

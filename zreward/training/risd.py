@@ -137,8 +137,7 @@ class RISDTrainer(TrainerBase):
     def __init__(self, student, data, cache: TeacherCache, config: RISDConfig | None = None,
                  ctx: DistContext | None = None):
         config = config or RISDConfig()
-        super().__init__(student.model, config, lr=config.lr, weight_decay=config.weight_decay,
-                         max_grad_norm=config.max_grad_norm, seed=config.seed, ctx=ctx)
+        super().__init__(student.model, config, ctx)
         if len(cache.prompts) != len(data):
             raise ValueError(f"cache covers {len(cache.prompts)} items but data has {len(data)}")
         self.student, self.data, self.cache = student, data, cache
