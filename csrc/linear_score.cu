@@ -45,11 +45,19 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// Row of W feeding score k, or -1 when k is padding or its id is out of range.
+// Row of W feeding score k, or -1 when k is padding, its id is out of range, or its id repeats an earlier
+// score's (ids checked only on the device). -1 makes the score's logit NaN, so the row's outputs and gradients are
+// NaN, and leaves its weight-gradient row unwritten: no two blocks ever write the same row of grad_weight.
 __device__ __forceinline__ int64_t weight_row(const ScoreRows& rows, int k) {
   if (k >= rows.k) return -1;
   const int64_t r = rows.ids != nullptr ? rows.ids[k] : k;
-  return (r >= 0 && r < rows.num_rows) ? r : -1;
+  if (r < 0 || r >= rows.num_rows) return -1;
+  if (rows.ids != nullptr) {
+    for (int j = 0; j < k; ++j) {
+      if (rows.ids[j] == r) return -1;
+    }
+  }
+  return r;
 }
 
 // Stages W[rows, d0 : d0 + kChunk] into tile as fp32 (zeros for padding rows and columns past dim).

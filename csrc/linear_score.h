@@ -15,8 +15,9 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 constexpr int kMaxScoreRows = 32;
 
 // The K rows of W (and of the optional bias) that produce the score logits: W[k] when ids is null,
-// else W[ids[k]] (rows of an LM head). An id outside [0, num_rows) is never read: its logit is NaN
-// (which makes that hidden row's statistics NaN) and its gradient rows are not written.
+// else W[ids[k]] (rows of an LM head). An id outside [0, num_rows), or one that repeats an earlier score's id,
+// is never read: its logit is NaN (which makes that hidden row's statistics NaN) and its gradient rows are not
+// written.
 struct ScoreRows {
   const void* weight;
   int64_t num_rows;

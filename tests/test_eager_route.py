@@ -161,7 +161,7 @@ def test_backward_custom_ops_accept_absent_gradients():
     torch.manual_seed(3)
     logits = torch.randn(4, 20, device=DEVICE)
     ids, values = torch.tensor([1, 4, 9], device=DEVICE), torch.tensor([1.0, 2.0, 3.0], device=DEVICE)
-    probs, mean, std, _ = torch.ops.zr_kernels.score_distribution(logits, ids, values, None, 1.0)
+    probs, mean, std, _ = torch.ops.zr_kernels.score_distribution(logits, ids, values, None, 1.0, None)
     grad_mean = torch.randn(4, device=DEVICE)
     args = (None, grad_mean, None, None, probs, mean, std, None, ids, values, 1.0, 20, torch.float32)
     torch.library.opcheck(torch.ops.zr_kernels.score_distribution_backward.default, args)

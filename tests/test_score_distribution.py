@@ -112,7 +112,10 @@ def test_opcheck_and_compile():
     ids = torch.tensor([3, 1, 29], device=DEVICE)
     values = torch.tensor([1.0, 3.0, 5.0], device=DEVICE)
     target = torch.tensor([0, 1, 2, 0, 1], device=DEVICE)
-    torch.library.opcheck(torch.ops.zr_kernels.score_distribution.default, (logits, ids, values, target, 1.0))
+    torch.library.opcheck(torch.ops.zr_kernels.score_distribution.default, (logits, ids, values, target, 1.0, None))
+    # ids checked on the device come with their repeated-ids flag
+    torch.library.opcheck(torch.ops.zr_kernels.score_distribution.default,
+                          (logits, ids, values, target, 1.0, torch.zeros(1, dtype=torch.int32, device=DEVICE)))
 
     compiled = torch.compile(
         lambda x: score_distribution(x, ids, values, target, backend="triton"), fullgraph=True)

@@ -189,12 +189,14 @@ def test_gradcheck_fp64(normalize, beta):
 @pytest.mark.parametrize("normalize,beta", MODES)
 def test_opcheck(normalize, beta):
     logits, teacher, ids = _inputs(5, 3, 40, torch.float32)
-    args = (logits, teacher, ids, normalize == "vocab", beta, 0.9)
+    args = (logits, teacher, ids, normalize == "vocab", beta, 0.9, None)
     torch.library.opcheck(torch.ops.zr_kernels.slice_kl.default, args)
+    # ids checked on the device come with their repeated-ids flag
+    torch.library.opcheck(torch.ops.zr_kernels.slice_kl.default, args[:-1] + (torch.zeros(1, dtype=torch.int32),))
     with torch.no_grad():
         _, lse = torch.ops.zr_kernels.slice_kl.default(*args)
     torch.library.opcheck(torch.ops.zr_kernels.slice_kl_backward.default,
-                          (torch.randn(5, device=DEVICE), logits.detach(), teacher, ids, lse) + args[3:])
+                          (torch.randn(5, device=DEVICE), logits.detach(), teacher, ids, lse) + args[3:6])
 
 
 def test_torch_compile_fullgraph():

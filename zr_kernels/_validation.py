@@ -2,7 +2,9 @@
 
 Value checks that would read device memory (id range, uniqueness, target range) run only for CPU
 tensors, so CUDA calls stay free of host syncs: pass ``token_ids`` as a list or CPU tensor to have
-them checked (the kernels mask every load, so a bad CUDA id yields NaN, never an out-of-bounds read).
+them checked. CUDA (and traced) ids are checked on the device instead: an id outside ``[0, V)`` is never
+read or written by the kernels, and ids with a repeated value (:func:`repeated_ids`) make the outputs NaN, so
+bad ids give NaN, never an out-of-bounds access or a gradient that depends on which store lands last.
 """
 from __future__ import annotations
 
@@ -127,6 +129,23 @@ def _check_num_ids(k: int, name: str) -> None:
         raise ValueError(f"{name} must hold between 1 and {MAX_BINS} ids, got {k}")
 
 
+def ids_on_device(token_ids) -> bool:
+    """Whether :func:`as_token_ids` leaves the values of ``token_ids`` unchecked (a CUDA tensor, or any tensor
+    while ``torch.compile`` traces): the kernels then check them on the device."""
+    return isinstance(token_ids, torch.Tensor) and (token_ids.device.type == "cuda" or torch.compiler.is_compiling())
+
+
+def repeated_ids(ids: torch.Tensor) -> torch.Tensor:
+    """A one-element int32 tensor on ``ids``' device: 1 when ``ids`` hold a repeated value, else 0.
+
+    For ids checked on the device: a few tiny kernels, no host sync. The fused kernels read it and give NaN
+    outputs when it is set, because the backward of a repeated id must sum over its repeats, which a plain store
+    per id does not do (and on a GPU, which of the repeats' stores lands is not defined).
+    """
+    ordered = ids.sort().values
+    return (ordered[1:] == ordered[:-1]).any().to(torch.int32).reshape(1)
+
+
 def as_token_ids(token_ids, vocab_size: int, device: torch.device, name: str = "token_ids") -> torch.Tensor:
     """Validate score-token ids and return them as an int64 tensor on ``device`` (treat it as read-only).
 
@@ -136,9 +155,9 @@ def as_token_ids(token_ids, vocab_size: int, device: torch.device, name: str = "
     """
     if isinstance(token_ids, torch.Tensor) and token_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an int64 (or int32) tensor, got {token_ids.dtype}")
-    if isinstance(token_ids, torch.Tensor) and (token_ids.device.type == "cuda" or torch.compiler.is_compiling()):
-        # Already on the GPU (or traced): only metadata is checked, so there is no host sync. The kernels read
-        # the ids with stride 1, so a strided view (``table[:, 0]``) is copied (K elements).
+    if ids_on_device(token_ids):
+        # Already on the GPU (or traced): only metadata is checked here, so there is no host sync; the kernels
+        # check the values. They read the ids with stride 1, so a strided view (``table[:, 0]``) is copied.
         if token_ids.dim() != 1:
             raise ValueError(f"{name} must be 1-D [K], got shape {tuple(token_ids.shape)}")
         _check_num_ids(token_ids.numel(), name)

@@ -120,6 +120,11 @@ def _ids(k: int) -> torch.Tensor:
     return torch.empty(k, device=META, dtype=torch.int64)
 
 
+def _repeats_flag() -> torch.Tensor:
+    """The repeated-ids flag the ops pass with ids checked on the device."""
+    return torch.empty(1, device=META, dtype=torch.int32)
+
+
 def _grad_subsets(names: tuple[str, ...], quick: bool) -> list[tuple[str, ...]]:
     """Which outputs have an upstream gradient: every non-empty subset (each is its own kernel variant)."""
     if quick:
@@ -136,6 +141,8 @@ def _score_distribution_cases(dtype, quick):
         target = _ids(ROWS) if with_target else None
         yield f"score_distribution K={k} target={with_target}", lambda: score_distribution_fwd(
             logits, ids, values, target, 1.0)
+        yield f"score_distribution K={k} target={with_target} device ids", lambda: score_distribution_fwd(
+            logits, ids, values, target, 1.0, _repeats_flag())
         outputs = ("probs", "mean", "std") + (("nll",) if with_target else ())
         for wanted in _grad_subsets(outputs, quick):
             grads = {name: (_empty(ROWS, k) if name == "probs" else _empty(ROWS)) if name in wanted else None
@@ -156,6 +163,7 @@ def _slice_kl_cases(dtype, quick):
         vocab = normalize == "vocab"
         name = f"slice_kl K={k} {normalize} beta={beta}"
         yield name, lambda: slice_kl_fwd(logits, teacher, ids, vocab, beta, 1.0)
+        yield name + " device ids", lambda: slice_kl_fwd(logits, teacher, ids, vocab, beta, 1.0, _repeats_flag())
         yield name + " backward", lambda: slice_kl_bwd(_empty(ROWS), logits, teacher, ids, _empty(ROWS), vocab, beta,
                                                        1.0)
 

@@ -119,7 +119,8 @@ def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=
             under ``torch.autocast``, where hidden, the K score rows and bias are cast to the autocast dtype as
             ``F.linear`` would cast them (fp32 master weights with bf16 activations).
         values: ``[K]`` score of each bin.
-        token_ids: optional ``[K]`` unique rows of ``weight`` (the score tokens).
+        token_ids: optional ``[K]`` unique rows of ``weight`` (the score tokens). A list or CPU tensor is checked
+            on the host (ValueError); a CUDA tensor on the device: an id out of range or repeated gives NaN.
         bias: optional, ``[V]`` indexed by ``token_ids`` (LM-head mode) or ``[K]``; same dtype as ``hidden``.
         temperature: divides the K logits before the softmax.
         target: optional ``[N]`` bin index per row; gives ``nll = -log probs[target]`` (the per-row term of

@@ -8,16 +8,18 @@ import torch
 from zr_kernels import reference
 from zr_kernels._backend import Kernel, fused_op, note, resolve_backend
 from zr_kernels._types import ScoreDist, stats_dtype
-from zr_kernels._validation import as_token_ids, as_values, check_float_tensor, check_positive_float, check_target
+from zr_kernels._validation import (as_token_ids, as_values, check_float_tensor, check_positive_float, check_target,
+                                    ids_on_device, repeated_ids)
 from zr_kernels.kernels.score_distribution import score_distribution_bwd, score_distribution_fwd
 
 
 def _forward(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, target: Optional[torch.Tensor],
-             temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return score_distribution_fwd(logits, ids, values, target, temperature)
+             temperature: float, repeats: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor]:
+    return score_distribution_fwd(logits, ids, values, target, temperature, repeats)
 
 
-def _fake(logits, ids, values, target, temperature):
+def _fake(logits, ids, values, target, temperature, repeats):
     n_rows, n_bins, dtype = logits.shape[0], ids.shape[0], stats_dtype(logits.dtype)
     row = logits.new_empty(n_rows, dtype=dtype)
     nll = logits.new_empty(n_rows if target is not None else 0, dtype=dtype)
@@ -40,7 +42,7 @@ def _backward_fake(grad_probs, grad_mean, grad_std, grad_nll, probs, mean, std, 
 
 
 def _setup_context(ctx, inputs, output):
-    logits, ids, values, target, temperature = inputs
+    logits, ids, values, target, temperature, _ = inputs
     probs, mean, std, _ = output
     ctx.save_for_backward(probs, mean, std, target, ids, values)
     ctx.temperature, ctx.vocab_size, ctx.dtype = temperature, logits.shape[1], logits.dtype
@@ -53,7 +55,7 @@ def _backward(ctx, kernels, grad_probs, grad_mean, grad_std, grad_nll):
     grads = (None if g is None else g.to(probs.dtype) for g in (grad_probs, grad_mean, grad_std, grad_nll))
     grad_logits = kernels.backward(*grads, probs, mean, std, target, ids, values, ctx.temperature, ctx.vocab_size,
                                    ctx.dtype)
-    return grad_logits, None, None, None, None
+    return grad_logits, None, None, None, None, None
 
 
 _score_distribution_route = fused_op("score_distribution", _forward, _fake, _setup_context, _backward,
@@ -62,14 +64,18 @@ _score_distribution_route = fused_op("score_distribution", _forward, _fake, _set
 
 def _as_rows(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A ``[M, V]`` view of ``logits`` (any strides), or, when the leading dims cannot be merged without a
-    copy, the gathered ``[M, K]`` slice (a small copy) with ids ``0..K-1``."""
+    copy, the gathered ``[M, K]`` slice (a small copy) with ids ``0..K-1``, NaN in the columns of ids outside
+    ``[0, V)`` (which are not read: indexing with them would be an error on the device)."""
     vocab_size = logits.shape[-1]
     if logits.dim() == 2:
         return logits, ids
     try:
         return logits.view(-1, vocab_size), ids
     except RuntimeError:
-        return logits[..., ids].reshape(-1, ids.numel()), torch.arange(ids.numel(), device=ids.device)
+        in_range = (ids >= 0) & (ids < vocab_size)
+        gathered = logits[..., torch.where(in_range, ids, 0)].reshape(-1, ids.numel())
+        gathered = gathered.masked_fill(~in_range, float("nan"))
+        return gathered, torch.arange(ids.numel(), device=ids.device)
 
 
 def score_distribution(logits, token_ids, values, target=None, temperature=1.0, *, backend=None) -> ScoreDist:
@@ -84,7 +90,8 @@ def score_distribution(logits, token_ids, values, target=None, temperature=1.0, 
 
     Args:
         logits: ``[..., V]`` fp32/bf16/fp16, any strides (e.g. ``logits[:, -1, :]``).
-        token_ids: ``[K]`` unique ids of the score tokens (list or int64 tensor).
+        token_ids: ``[K]`` unique ids of the score tokens (list or int64 tensor). A list or CPU tensor is checked
+            on the host (ValueError); a CUDA tensor on the device: an id out of range or repeated gives NaN.
         values: ``[K]`` score of each bin (e.g. 1.0, 1.5, …, 5.0).
         target: optional ``[...]`` bin index per row; gives ``nll`` (the per-row term of Eq. 8).
         temperature: divides the K logits before the softmax.
@@ -106,9 +113,10 @@ def score_distribution(logits, token_ids, values, target=None, temperature=1.0, 
     if resolve_backend("score_distribution", backend, logits.device) == "reference":
         note("score_distribution", "reference")
         return reference.score_distribution(logits, ids, values, target, temperature)
+    repeats = repeated_ids(ids) if ids_on_device(token_ids) else None
     rows, row_ids = _as_rows(logits, ids)
     target_rows = target.reshape(-1) if target is not None else None
-    probs, mean, std, nll = _score_distribution_route(rows, row_ids, values, target_rows, temperature,
+    probs, mean, std, nll = _score_distribution_route(rows, row_ids, values, target_rows, temperature, repeats,
                                                       needs_grad=logits.requires_grad)
     nll = nll if target is not None else None
     if logits.dim() == 2:  # rows are already the caller's shape

@@ -1,6 +1,8 @@
 """``slice_kl``: distil a teacher's score-bin distribution into a student's (paper Eq. 15, RISD)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -8,7 +10,7 @@ from zr_kernels import reference
 from zr_kernels._backend import Kernel, fused_op, note, resolve_backend
 from zr_kernels._validation import (
     as_token_ids, check_choice, check_float_in, check_float_tensor, check_positive_float, check_same_device,
-    check_shape,
+    check_shape, ids_on_device, repeated_ids,
 )
 from zr_kernels.kernels.slice_kl import slice_kl_bwd, slice_kl_fwd
 from zr_kernels.reference.slice_kl import REDUCTIONS, reduce_rows
@@ -17,11 +19,11 @@ NORMALIZATIONS = ("slice", "vocab")
 
 
 def _forward(student_logits: torch.Tensor, teacher_probs: torch.Tensor, ids: torch.Tensor, vocab_norm: bool,
-             beta: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return slice_kl_fwd(student_logits, teacher_probs, ids, vocab_norm, beta, temperature)
+             beta: float, temperature: float, repeats: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return slice_kl_fwd(student_logits, teacher_probs, ids, vocab_norm, beta, temperature, repeats)
 
 
-def _fake(student_logits, teacher_probs, ids, vocab_norm, beta, temperature):
+def _fake(student_logits, teacher_probs, ids, vocab_norm, beta, temperature, repeats):
     loss = student_logits.new_empty(student_logits.shape[0], dtype=torch.float32)
     return loss, loss.clone()
 
@@ -37,7 +39,7 @@ def _backward_fake(grad_loss, student_logits, teacher_probs, ids, lse, vocab_nor
 
 
 def _setup_context(ctx, inputs, output):
-    student_logits, teacher_probs, ids, vocab_norm, beta, temperature = inputs
+    student_logits, teacher_probs, ids, vocab_norm, beta, temperature, _ = inputs
     loss, lse = output
     # The logits are saved by reference (no copy); the backward recomputes the student distribution from them
     # and the O(N) log-sum-exp, which is an internal output: nothing flows back through it.
@@ -49,11 +51,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, kernels, grad_loss, grad_lse):
     if grad_loss is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     student_logits, teacher_probs, ids, lse = ctx.saved_tensors
     grad_logits = kernels.backward(grad_loss.float(), student_logits, teacher_probs, ids, lse, ctx.vocab_norm,
                                    ctx.beta, ctx.temperature)
-    return grad_logits, None, None, None, None, None
+    return grad_logits, None, None, None, None, None, None
 
 
 _slice_kl_route = fused_op("slice_kl", _forward, _fake, _setup_context, _backward,
@@ -77,7 +79,8 @@ def slice_kl(student_logits, teacher_probs, token_ids, normalize="slice", beta=0
     Args:
         student_logits: ``[N, V]`` fp32/bf16/fp16, any strides (e.g. ``logits[:, -1, :]``).
         teacher_probs: ``[N, K]`` teacher distribution over the score bins, used as given (no gradient).
-        token_ids: ``[K]`` unique ids of the score tokens (list or int64 tensor).
+        token_ids: ``[K]`` unique ids of the score tokens (list or int64 tensor). A list or CPU tensor is checked
+            on the host (ValueError); a CUDA tensor on the device: an id out of range or repeated gives NaN.
         normalize: ``"slice"`` (softmax over the K score logits) | ``"vocab"`` (log-softmax over all V).
         beta: in ``[0, 1]``; must be 0 with ``normalize="vocab"``.
         temperature: divides the student logits (all V of them in vocab mode).
@@ -105,8 +108,9 @@ def slice_kl(student_logits, teacher_probs, token_ids, normalize="slice", beta=0
     if resolve_backend("slice_kl", backend, student_logits.device) == "reference":
         note("slice_kl", "reference")
         return reference.slice_kl(student_logits, teacher_probs, ids, normalize, beta, temperature, reduction)
+    repeats = repeated_ids(ids) if ids_on_device(token_ids) else None
     per_row, _ = _slice_kl_route(student_logits, teacher_probs.detach(), ids, normalize == "vocab", beta, temperature,
-                                 needs_grad=student_logits.requires_grad)
+                                 repeats, needs_grad=student_logits.requires_grad)
     return reduce_rows(per_row, reduction, ids.numel())
 
 

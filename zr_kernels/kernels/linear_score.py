@@ -6,8 +6,9 @@ backward kernel), then ``grad_hidden = grad_logits @ W[rows]`` (reads W rows, wr
 ``grad_W[rows] = grad_logits.T @ hidden`` (reads ``N·D``): each row split writes its own fp32 partial
 sums and a second kernel adds them in a fixed order, so the result is deterministic (no atomics).
 
-Score rows are ``W[k]`` (``HAS_IDS=False``) or ``W[ids[k]]``; an id outside ``[0, V)`` (possible only
-for unchecked CUDA ids) is never read: its logit is NaN and its gradient rows are not written.
+Score rows are ``W[k]`` (``HAS_IDS=False``) or ``W[ids[k]]``; an id outside ``[0, V)`` or a repeat of an earlier
+bin's id (possible only for ids not checked on the host: CUDA tensors) is never read: its logit is NaN (so the
+row's outputs and gradients are NaN) and its gradient rows are not written, so no two bins write one row.
 Compute is fp32 (fp64 for fp64 inputs, the type of the statistics buffers).
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from zr_kernels.kernels.score_distribution import score_distribution_bwd, store_
 BLOCK_ROWS = 16  # tl.dot needs every tile side >= 16
 BLOCK_D = 128
 ROWS_PER_SPLIT = 1024  # hidden rows per weight-gradient partial (a multiple of BLOCK_ROWS)
+MAX_SPLITS = 65535  # a CUDA grid's y dimension; past 67M rows each split takes more rows
 
 
 def _block_bins(num_bins: int) -> int:
@@ -39,13 +41,15 @@ def _dot_in_input_dtype(dtype: torch.dtype) -> bool:
 
 @triton.jit
 def _score_rows(ids_ptr, bins, n_bins, n_weight_rows, HAS_IDS: tl.constexpr):
-    """Row of W for each bin and whether it may be read (a real bin with an in-range id)."""
+    """Row of W for each bin and whether it may be read: a real bin whose id is in range and is not a repeat of
+    an earlier bin's id (K <= 32, so the all-pairs check is a few hundred comparisons)."""
     bin_ok = bins < n_bins
     if HAS_IDS:
         w_rows = tl.load(ids_ptr + bins, mask=bin_ok, other=0).to(tl.int64)
-    else:
-        w_rows = bins.to(tl.int64)
-    return w_rows, bin_ok & (w_rows >= 0) & (w_rows < n_weight_rows)
+        earlier_same = (w_rows[:, None] == w_rows[None, :]) & (bins[None, :] < bins[:, None]) & bin_ok[None, :]
+        repeat = tl.sum(earlier_same.to(tl.int32), axis=1) > 0
+        return w_rows, bin_ok & (w_rows >= 0) & (w_rows < n_weight_rows) & ~repeat
+    return bins.to(tl.int64), bin_ok
 
 
 @triton.jit
@@ -68,9 +72,10 @@ def _linear_score_fwd_kernel(
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < dim
-        h = tl.load(hidden_ptr + rows64[:, None] * stride_hn + cols[None, :] * stride_hd,
+        cols64 = cols.to(tl.int64)  # a column stride can be large (a column-major [V, D] head): widen first
+        h = tl.load(hidden_ptr + rows64[:, None] * stride_hn + cols64[None, :] * stride_hd,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        w = tl.load(weight_ptr + w_rows[:, None] * stride_wr + cols[None, :] * stride_wd,
+        w = tl.load(weight_ptr + w_rows[:, None] * stride_wr + cols64[None, :] * stride_wd,
                     mask=w_ok[:, None] & col_ok[None, :], other=0.0)
         if DOT_IN_INPUT_DTYPE:
             acc += tl.dot(h, tl.trans(w), out_dtype=acc_type)
@@ -99,17 +104,18 @@ def _linear_score_grad_hidden_kernel(
     row_ok = rows < n_rows
     col_ok = cols < dim
     rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
     w_rows, w_ok = _score_rows(ids_ptr, bins, n_bins, n_weight_rows, HAS_IDS)
     g = tl.load(grad_logits_ptr + rows64[:, None] * n_bins + bins[None, :],
                 mask=row_ok[:, None] & (bins < n_bins)[None, :], other=0.0)
-    w = tl.load(weight_ptr + w_rows[:, None] * stride_wr + cols[None, :] * stride_wd,
+    w = tl.load(weight_ptr + w_rows[:, None] * stride_wr + cols64[None, :] * stride_wd,
                 mask=w_ok[:, None] & col_ok[None, :], other=0.0)
     if DOT_IN_INPUT_DTYPE:
         # fp32 grad_logits meet 16-bit W: both go in at W's precision, as eager PyTorch's backward does.
         dh = tl.dot(g.to(w.dtype), w, out_dtype=acc_type)
     else:
         dh = tl.dot(g, w.to(acc_type), input_precision="ieee", out_dtype=acc_type)
-    tl.store(grad_hidden_ptr + rows64[:, None] * dim + cols[None, :],
+    tl.store(grad_hidden_ptr + rows64[:, None] * dim + cols64[None, :],
              dh.to(grad_hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -126,6 +132,7 @@ def _linear_score_weight_partials_kernel(
     bins = tl.arange(0, BLOCK_BINS)
     col_ok = cols < dim
     bin_ok = bins < n_bins
+    cols64 = cols.to(tl.int64)
     acc = tl.zeros((BLOCK_BINS, BLOCK_D), dtype=acc_type)
     acc_b = tl.zeros((BLOCK_BINS,), dtype=acc_type)
     begin = split * rows_per_split
@@ -136,11 +143,11 @@ def _linear_score_weight_partials_kernel(
         rows64 = rows.to(tl.int64)
         g = tl.load(grad_logits_ptr + rows64[:, None] * n_bins + bins[None, :],
                     mask=row_ok[:, None] & bin_ok[None, :], other=0.0)
-        h = tl.load(hidden_ptr + rows64[:, None] * stride_hn + cols[None, :] * stride_hd,
+        h = tl.load(hidden_ptr + rows64[:, None] * stride_hn + cols64[None, :] * stride_hd,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(acc_type)
         acc += tl.dot(tl.trans(g), h, input_precision="ieee", out_dtype=acc_type)
         acc_b += tl.sum(g, axis=0)
-    out = split.to(tl.int64) * n_bins * dim + bins[:, None] * dim + cols[None, :]
+    out = split.to(tl.int64) * n_bins * dim + bins.to(tl.int64)[:, None] * dim + cols64[None, :]
     tl.store(partial_w_ptr + out, acc, mask=bin_ok[:, None] & col_ok[None, :])
     if pid_d == 0:
         tl.store(partial_b_ptr + split * n_bins + bins, acc_b, mask=bin_ok)
@@ -158,16 +165,17 @@ def _linear_score_sum_partials_kernel(
     bins = tl.arange(0, BLOCK_BINS)
     bin_ok = bins < n_bins
     col_ok = cols < dim
+    cols64 = cols.to(tl.int64)
     w_rows, w_ok = _score_rows(ids_ptr, bins, n_bins, n_weight_rows, HAS_IDS)
     acc = tl.zeros((BLOCK_BINS, BLOCK_D), dtype=acc_type)
     acc_b = tl.zeros((BLOCK_BINS,), dtype=acc_type)
     base = tl.zeros((), dtype=tl.int64)  # splits · K · D passes 2^31 at tens of millions of rows
     for split in range(0, n_splits):  # fixed order: the same bits every run
-        acc += tl.load(partial_w_ptr + base + bins[:, None] * dim + cols[None, :],
+        acc += tl.load(partial_w_ptr + base + bins.to(tl.int64)[:, None] * dim + cols64[None, :],
                        mask=bin_ok[:, None] & col_ok[None, :], other=0.0)
         acc_b += tl.load(partial_b_ptr + split * n_bins + bins, mask=bin_ok, other=0.0)
         base += n_bins * dim
-    tl.store(grad_weight_ptr + w_rows[:, None] * dim + cols[None, :],
+    tl.store(grad_weight_ptr + w_rows[:, None] * dim + cols64[None, :],
              acc.to(grad_weight_ptr.dtype.element_ty), mask=w_ok[:, None] & col_ok[None, :])
     if HAS_BIAS:
         if pid_d == 0:
@@ -230,6 +238,13 @@ def linear_score_grad_hidden(grad_logits, weight, ids, dim: int) -> torch.Tensor
     return grad_hidden
 
 
+def weight_gradient_splits(n_rows: int) -> tuple[int, int]:
+    """``(splits, rows_per_split)`` of the weight gradient's partial sums: ``ROWS_PER_SPLIT`` rows each, but at most
+    ``MAX_SPLITS`` splits (the grid's y limit), rows per split a multiple of ``BLOCK_ROWS``."""
+    splits = max(1, min(cdiv(n_rows, ROWS_PER_SPLIT), MAX_SPLITS))
+    return splits, cdiv(cdiv(max(n_rows, 1), splits), BLOCK_ROWS) * BLOCK_ROWS
+
+
 def linear_score_grad_weight(grad_logits, hidden, ids, num_weight_rows: int, with_bias: bool):
     """``grad_W`` (``[num_weight_rows, D]``, zero outside the score rows) and ``grad_bias`` (``[num_weight_rows]``,
     or an empty tensor when ``with_bias`` is false), both contiguous in hidden's dtype."""
@@ -239,14 +254,14 @@ def linear_score_grad_weight(grad_logits, hidden, ids, num_weight_rows: int, wit
     scattered = ids is not None
     grad_weight = (torch.zeros if scattered else torch.empty)(num_weight_rows, dim, **out)
     grad_bias = (torch.zeros if scattered else torch.empty)(num_weight_rows if with_bias else 0, **out)
-    splits = max(1, cdiv(n_rows, ROWS_PER_SPLIT))
+    splits, rows_per_split = weight_gradient_splits(n_rows)
     partial_w = torch.empty(splits, n_bins, dim, device=hidden.device, dtype=grad_logits.dtype)
     partial_b = torch.empty(splits, n_bins, device=hidden.device, dtype=grad_logits.dtype)
     block_bins = _block_bins(n_bins)
     with launch_guard(hidden.device):
         _linear_score_weight_partials_kernel[(cdiv(dim, BLOCK_D), splits)](
             grad_logits, hidden, partial_w, partial_b,
-            n_rows, dim, n_bins, hidden.stride(0), hidden.stride(1), ROWS_PER_SPLIT,
+            n_rows, dim, n_bins, hidden.stride(0), hidden.stride(1), rows_per_split,
             BLOCK_ROWS=BLOCK_ROWS, BLOCK_BINS=block_bins, BLOCK_D=BLOCK_D,
         )
         _linear_score_sum_partials_kernel[(cdiv(dim, BLOCK_D),)](

@@ -45,7 +45,7 @@ def _pairwise_gap_fwd_kernel(
     pair_ok = pairs < n_pairs
     pairs64 = pairs.to(tl.int64)
     w_ok = pair_ok[:, None] & (cols < group_size)[None, :]
-    mu_w = tl.load(mu_w_ptr + pairs64[:, None] * stride_wp + cols[None, :] * stride_wg, mask=w_ok, other=0.0)
+    mu_w = tl.load(mu_w_ptr + pairs64[:, None] * stride_wp + cols.to(tl.int64)[None, :] * stride_wg, mask=w_ok, other=0.0)
     mu_w = mu_w.to(acc_type)
     if GDSO:
         s_w = tl.load(s_w_ptr + pairs64 * stride_sw, mask=pair_ok, other=0.0).to(acc_type)
@@ -59,7 +59,7 @@ def _pairwise_gap_fwd_kernel(
     for start in range(0, group_size, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         l_ok = pair_ok[:, None] & (ks < group_size)[None, :]
-        l_offsets = pairs64[:, None] * stride_lp + ks[None, :] * stride_lg
+        l_offsets = pairs64[:, None] * stride_lp + ks.to(tl.int64)[None, :] * stride_lg
         mu_l = tl.load(mu_l_ptr + l_offsets, mask=l_ok, other=0.0).to(acc_type)
         d = (mu_w[:, :, None] - mu_l[:, None, :]) - gap[:, None, None]
         a = tl.where(w_ok[:, :, None] & l_ok[:, None, :], tl.abs(d), 0.0)
@@ -89,7 +89,7 @@ def _pairwise_gap_bwd_kernel(
     pair_ok = pairs < n_pairs
     pairs64 = pairs.to(tl.int64)
     w_ok = pair_ok[:, None] & (cols < group_size)[None, :]
-    mu_w = tl.load(mu_w_ptr + pairs64[:, None] * stride_wp + cols[None, :] * stride_wg, mask=w_ok, other=0.0)
+    mu_w = tl.load(mu_w_ptr + pairs64[:, None] * stride_wp + cols.to(tl.int64)[None, :] * stride_wg, mask=w_ok, other=0.0)
     mu_w = mu_w.to(acc_type)
     gap = tl.load(gap_ptr + pairs64 * stride_gap, mask=pair_ok, other=0.0).to(acc_type)
     # d loss_p / d d_ik = grad_loss_p * sign(d_ik) / (G² R), with sign(0) = 0 (torch.abs's subgradient).
@@ -100,7 +100,7 @@ def _pairwise_gap_bwd_kernel(
     for start in range(0, group_size, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         l_ok = pair_ok[:, None] & (ks < group_size)[None, :]
-        mu_l = tl.load(mu_l_ptr + pairs64[:, None] * stride_lp + ks[None, :] * stride_lg, mask=l_ok, other=0.0)
+        mu_l = tl.load(mu_l_ptr + pairs64[:, None] * stride_lp + ks.to(tl.int64)[None, :] * stride_lg, mask=l_ok, other=0.0)
         d = (mu_w[:, :, None] - mu_l.to(acc_type)[:, None, :]) - gap[:, None, None]
         sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
         sign = tl.where(w_ok[:, :, None] & l_ok[:, None, :], sign, 0.0)

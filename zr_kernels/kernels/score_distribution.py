@@ -48,19 +48,34 @@ def store_distribution(z, rows, bins, n_rows, n_bins, values_ptr, target_ptr, st
 
 
 @triton.jit
+def load_score_ids(ids_ptr, bins, n_bins, vocab_size, repeats_ptr, CHECK_REPEATS: tl.constexpr):
+    """The score-token ids of ``bins`` (int64) and whether each may be read: a real bin whose id lies in
+    ``[0, vocab_size)``, in a call whose ids hold no repeated value (``repeats_ptr``: a device-side flag, read only
+    for ids that were not checked on the host). A row with a bin that may not be read must become NaN."""
+    bin_ok = bins < n_bins
+    ids = tl.load(ids_ptr + bins, mask=bin_ok, other=0).to(tl.int64)
+    id_ok = bin_ok & (ids >= 0) & (ids < vocab_size)
+    if CHECK_REPEATS:
+        id_ok = id_ok & (tl.load(repeats_ptr + bins * 0) == 0)  # the flag broadcast over the bins
+    return ids, id_ok
+
+
+@triton.jit
 def _score_distribution_fwd_kernel(
-    logits_ptr, ids_ptr, values_ptr, target_ptr,
+    logits_ptr, ids_ptr, repeats_ptr, values_ptr, target_ptr,
     probs_ptr, mean_ptr, std_ptr, nll_ptr,
-    n_rows, n_bins, stride_row, stride_col, stride_target, temperature,
-    HAS_TARGET: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
+    n_rows, n_bins, vocab_size, stride_row, stride_col, stride_target, temperature,
+    HAS_TARGET: tl.constexpr, CHECK_REPEATS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     bins = tl.arange(0, BLOCK_BINS)
-    ok = (rows < n_rows)[:, None] & (bins < n_bins)[None, :]
-    ids = tl.load(ids_ptr + bins, mask=bins < n_bins, other=0).to(tl.int64)
-    z = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_row + ids[None, :] * stride_col, mask=ok,
-                other=float("-inf"))
+    row_ok = rows < n_rows
+    ids, id_ok = load_score_ids(ids_ptr, bins, n_bins, vocab_size, repeats_ptr, CHECK_REPEATS)
+    z = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_row + ids[None, :] * stride_col,
+                mask=row_ok[:, None] & id_ok[None, :], other=float("-inf"))
     z = z.to(probs_ptr.dtype.element_ty) / temperature
+    # A bad id is never read: its bin's logit is NaN, so the whole row's distribution is NaN.
+    z = tl.where((bins < n_bins)[None, :] & ~id_ok[None, :], float("nan"), z)
     store_distribution(z, rows, bins, n_rows, n_bins, values_ptr, target_ptr, stride_target,
                        probs_ptr, mean_ptr, std_ptr, nll_ptr, HAS_TARGET)
 
@@ -83,7 +98,8 @@ def _score_distribution_bwd_kernel(
     ids = tl.load(ids_ptr + bins, mask=bin_ok, other=0).to(tl.int64)
     values = tl.load(values_ptr + bins, mask=bin_ok, other=0.0).to(acc_type)
     rows64 = rows.to(tl.int64)
-    slice_offsets = rows64[:, None] * n_bins + bins[None, :]
+    bins64 = bins.to(tl.int64)
+    slice_offsets = rows64[:, None] * n_bins + bins64[None, :]
 
     p = tl.load(probs_ptr + slice_offsets, mask=ok, other=0.0)
     # An output whose gradient is absent (unused downstream) contributes nothing; its pointer is never read.
@@ -91,7 +107,7 @@ def _score_distribution_bwd_kernel(
     # (stride 0), and making it contiguous would cost a copy kernel per output.
     g_p = tl.zeros([BLOCK_ROWS, BLOCK_BINS], dtype=acc_type)
     if GRAD_PROBS:
-        g_p += tl.load(grad_probs_ptr + rows64[:, None] * stride_gp_row + bins[None, :] * stride_gp_col, mask=ok,
+        g_p += tl.load(grad_probs_ptr + rows64[:, None] * stride_gp_row + bins64[None, :] * stride_gp_col, mask=ok,
                        other=0.0).to(acc_type)
     if GRAD_MEAN:
         g_mean = tl.load(grad_mean_ptr + rows64 * stride_g_mean, mask=row_ok, other=0.0).to(acc_type)
@@ -110,15 +126,19 @@ def _score_distribution_bwd_kernel(
         g_nll = tl.load(grad_nll_ptr + rows64 * stride_g_nll, mask=row_ok, other=0.0).to(acc_type)
         g_z += g_nll[:, None] * (p - tl.where(bins[None, :] == t[:, None], 1.0, 0.0).to(acc_type))
     g_logits = g_z / temperature
+    # A bad id made the forward NaN, and with it these gradients; an id outside [0, V) is still never written.
+    id_in_range = (ids >= 0) & (ids < vocab_size)
     tl.store(grad_logits_ptr + rows64[:, None] * vocab_size + ids[None, :],
-             g_logits.to(grad_logits_ptr.dtype.element_ty), mask=ok)
+             g_logits.to(grad_logits_ptr.dtype.element_ty), mask=ok & id_in_range[None, :])
 
 
 def score_distribution_fwd(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
-                           target: torch.Tensor | None, temperature: float):
+                           target: torch.Tensor | None, temperature: float, repeats: torch.Tensor | None = None):
     """Launch the forward on ``logits [M, V]`` (any strides); returns ``probs, mean, std, nll`` in fp32.
 
-    ``nll`` is ``[M]`` with a target and an empty ``[0]`` tensor without one.
+    ``nll`` is ``[M]`` with a target and an empty ``[0]`` tensor without one. ``repeats``: the
+    :func:`~zr_kernels._validation.repeated_ids` flag of ids that were not checked on the host (None when they
+    were); with it set, every row is NaN. An id outside ``[0, V)`` is never read and makes every row NaN.
     """
     n_rows, n_bins = logits.shape[0], ids.numel()
     out = dict(device=logits.device, dtype=stats_dtype(logits.dtype))
@@ -129,11 +149,12 @@ def score_distribution_fwd(logits: torch.Tensor, ids: torch.Tensor, values: torc
         block_rows, block_bins = row_tile(n_bins)
         with launch_guard(logits.device):
             _score_distribution_fwd_kernel[(cdiv(n_rows, block_rows),)](
-                logits, ids, values, target if target is not None else ids,
+                logits, ids, repeats if repeats is not None else ids, values, target if target is not None else ids,
                 probs, mean, std, nll,
-                n_rows, n_bins, logits.stride(0), logits.stride(1),
+                n_rows, n_bins, logits.shape[1], logits.stride(0), logits.stride(1),
                 target.stride(0) if target is not None else 0, temperature,
-                HAS_TARGET=target is not None, BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
+                HAS_TARGET=target is not None, CHECK_REPEATS=repeats is not None,
+                BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
             )
         note("score_distribution", "triton")
     return probs, mean, std, nll

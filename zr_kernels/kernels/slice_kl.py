@@ -19,6 +19,7 @@ import triton.language as tl
 
 from zr_kernels._backend import launch_guard, note
 from zr_kernels.kernels._grid import cdiv, next_power_of_2, row_tile
+from zr_kernels.kernels.score_distribution import load_score_ids
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 MAX_BLOCK_V = 4096
@@ -52,30 +53,37 @@ def _kl_terms(a, log_a, log_b):
 
 
 @triton.jit
-def _load_slice(logits_ptr, teacher_ptr, ids_ptr, n_rows, n_bins, stride_row, stride_col, stride_t_row,
-                stride_t_col, temperature, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr):
-    """The row block's scaled score logits ``z = logits[:, ids] / T`` and teacher probs, fp32."""
+def _load_slice(logits_ptr, teacher_ptr, ids_ptr, repeats_ptr, n_rows, n_bins, vocab_size, stride_row, stride_col,
+                stride_t_row, stride_t_col, temperature, CHECK_REPEATS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                BLOCK_BINS: tl.constexpr):
+    """The row block's scaled score logits ``z = logits[:, ids] / T`` and teacher probs, fp32, and ``bad``: whether
+    the call's ids are bad (an id out of range or repeated; see ``load_score_ids``), which makes every row NaN."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     bins = tl.arange(0, BLOCK_BINS)
     row_ok = rows < n_rows
-    ok = row_ok[:, None] & (bins < n_bins)[None, :]
-    ids = tl.load(ids_ptr + bins, mask=bins < n_bins, other=0).to(tl.int64)
+    bin_ok = bins < n_bins
+    ok = row_ok[:, None] & bin_ok[None, :]
+    ids, id_ok = load_score_ids(ids_ptr, bins, n_bins, vocab_size, repeats_ptr, CHECK_REPEATS)
+    bad = tl.sum((bin_ok & ~id_ok).to(tl.int32), axis=0) > 0
     rows64 = rows.to(tl.int64)
-    z = tl.load(logits_ptr + rows64[:, None] * stride_row + ids[None, :] * stride_col, mask=ok, other=float("-inf"))
+    z = tl.load(logits_ptr + rows64[:, None] * stride_row + ids[None, :] * stride_col,
+                mask=row_ok[:, None] & id_ok[None, :], other=float("-inf"))
     z = z.to(tl.float32) / temperature
-    p = tl.load(teacher_ptr + rows64[:, None] * stride_t_row + bins[None, :] * stride_t_col, mask=ok, other=0.0)
-    return rows, rows64, ids, ok, z, p.to(tl.float32)
+    p = tl.load(teacher_ptr + rows64[:, None] * stride_t_row + bins.to(tl.int64)[None, :] * stride_t_col, mask=ok,
+                other=0.0)
+    return rows, rows64, ids, id_ok, ok, bad, z, p.to(tl.float32)
 
 
 @triton.jit
 def _slice_kl_fwd_kernel(
-    logits_ptr, teacher_ptr, ids_ptr, part_max_ptr, part_sum_ptr, lse_ptr, loss_ptr,
-    n_rows, n_bins, n_splits, stride_row, stride_col, stride_t_row, stride_t_col, beta, temperature,
-    MODE: tl.constexpr, VOCAB: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
+    logits_ptr, teacher_ptr, ids_ptr, repeats_ptr, part_max_ptr, part_sum_ptr, lse_ptr, loss_ptr,
+    n_rows, n_bins, vocab_size, n_splits, stride_row, stride_col, stride_t_row, stride_t_col, beta, temperature,
+    MODE: tl.constexpr, VOCAB: tl.constexpr, CHECK_REPEATS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_BINS: tl.constexpr,
 ):
-    rows, rows64, ids, ok, z, p = _load_slice(
-        logits_ptr, teacher_ptr, ids_ptr, n_rows, n_bins, stride_row, stride_col, stride_t_row, stride_t_col,
-        temperature, BLOCK_ROWS, BLOCK_BINS)
+    rows, rows64, ids, id_ok, ok, bad, z, p = _load_slice(
+        logits_ptr, teacher_ptr, ids_ptr, repeats_ptr, n_rows, n_bins, vocab_size, stride_row, stride_col,
+        stride_t_row, stride_t_col, temperature, CHECK_REPEATS, BLOCK_ROWS, BLOCK_BINS)
     row_ok = rows < n_rows
     if VOCAB:  # combine the per-split (max, sum) of _vocab_lse_kernel, in split order
         run_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
@@ -102,8 +110,10 @@ def _slice_kl_fwd_kernel(
         else:
             log_m = tl.log(beta * p + (1.0 - beta) * q)
             terms = beta * _kl_terms(p, log_p, log_m) + (1.0 - beta) * _kl_terms(q, log_q, log_m)
-    tl.store(loss_ptr + rows, tl.sum(tl.where(ok, terms, 0.0), axis=1), mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    # Bad ids: a NaN loss, and a NaN log-sum-exp that carries NaN into every gradient the backward writes.
+    loss = tl.where(bad, float("nan"), tl.sum(tl.where(ok, terms, 0.0), axis=1))
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    tl.store(lse_ptr + rows, tl.where(bad, float("nan"), lse), mask=row_ok)
 
 
 @triton.jit
@@ -112,9 +122,10 @@ def _slice_kl_bwd_kernel(
     n_rows, n_bins, vocab_size, stride_row, stride_col, stride_t_row, stride_t_col, stride_grad, beta, temperature,
     MODE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
 ):
-    rows, rows64, ids, ok, z, p = _load_slice(
-        logits_ptr, teacher_ptr, ids_ptr, n_rows, n_bins, stride_row, stride_col, stride_t_row, stride_t_col,
-        temperature, BLOCK_ROWS, BLOCK_BINS)
+    # Bad ids need no flag here: the forward stored a NaN log-sum-exp, so every value written is NaN.
+    rows, rows64, ids, id_ok, ok, bad, z, p = _load_slice(
+        logits_ptr, teacher_ptr, ids_ptr, ids_ptr, n_rows, n_bins, vocab_size, stride_row, stride_col,
+        stride_t_row, stride_t_col, temperature, False, BLOCK_ROWS, BLOCK_BINS)
     log_q = z - tl.load(lse_ptr + rows, mask=rows < n_rows, other=0.0)[:, None]
     q = tl.exp(log_q)
     # h = q·∂L/∂q, so ∂L/∂z = h − q·Σh (softmax chain rule); in vocab mode the sum runs over the K score
@@ -130,7 +141,7 @@ def _slice_kl_bwd_kernel(
     g = tl.load(grad_loss_ptr + rows64 * stride_grad, mask=rows < n_rows, other=0.0)
     g_z = (h - q * tl.sum(h, axis=1)[:, None]) * (g / temperature)[:, None]
     tl.store(grad_logits_ptr + rows64[:, None] * vocab_size + ids[None, :],
-             g_z.to(grad_logits_ptr.dtype.element_ty), mask=ok)
+             g_z.to(grad_logits_ptr.dtype.element_ty), mask=ok & id_ok[None, :])
 
 
 @triton.jit
@@ -171,7 +182,7 @@ def _vocab_grad_kernel(
     bins = tl.arange(0, BLOCK_BINS)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
-    p = tl.load(teacher_ptr + rows64[:, None] * stride_t_row + bins[None, :] * stride_t_col,
+    p = tl.load(teacher_ptr + rows64[:, None] * stride_t_row + bins.to(tl.int64)[None, :] * stride_t_col,
                 mask=row_ok[:, None] & (bins < n_bins)[None, :], other=0.0).to(tl.float32)
     g = tl.load(grad_loss_ptr + rows64 * stride_grad, mask=row_ok, other=0.0)
     scale = g * tl.sum(p, axis=1) / temperature
@@ -182,14 +193,16 @@ def _vocab_grad_kernel(
         z = tl.load(logits_ptr + rows64[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col, mask=ok,
                     other=float("-inf")).to(tl.float32) / temperature
         grad = tl.exp(z - lse[:, None]) * scale[:, None]
-        tl.store(grad_logits_ptr + rows64[:, None] * vocab_size + cols[None, :],
+        tl.store(grad_logits_ptr + rows64[:, None] * vocab_size + cols.to(tl.int64)[None, :],
                  grad.to(grad_logits_ptr.dtype.element_ty), mask=ok)
 
 
 def slice_kl_fwd(logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, vocab_norm: bool, beta: float,
-                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 temperature: float, repeats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward on ``logits [N, V]`` and ``teacher [N, K]`` (any strides); returns the per-row loss and
-    the per-row log-sum-exp of ``logits / temperature`` (over the K score columns, or over V in vocab mode)."""
+    the per-row log-sum-exp of ``logits / temperature`` (over the K score columns, or over V in vocab mode).
+    ``repeats``: the repeated-ids flag of ids not checked on the host (None when they were); bad ids (out of
+    range, or repeated) are never read and make both outputs NaN."""
     (n_rows, vocab_size), n_bins = logits.shape, ids.numel()
     loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(loss)
@@ -207,10 +220,10 @@ def slice_kl_fwd(logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor,
             )
         block_rows, block_bins = row_tile(n_bins)
         _slice_kl_fwd_kernel[(cdiv(n_rows, block_rows),)](
-            logits, teacher, ids, part_max, part_sum, lse, loss,
-            n_rows, n_bins, n_splits, logits.stride(0), logits.stride(1), teacher.stride(0), teacher.stride(1),
-            beta, temperature, MODE=divergence_mode(beta), VOCAB=vocab_norm, BLOCK_ROWS=block_rows,
-            BLOCK_BINS=block_bins,
+            logits, teacher, ids, repeats if repeats is not None else ids, part_max, part_sum, lse, loss,
+            n_rows, n_bins, vocab_size, n_splits, logits.stride(0), logits.stride(1), teacher.stride(0),
+            teacher.stride(1), beta, temperature, MODE=divergence_mode(beta), VOCAB=vocab_norm,
+            CHECK_REPEATS=repeats is not None, BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
         )
     note("slice_kl", "triton")
     return loss, lse
