@@ -2,9 +2,10 @@
 # The checks a GPU session owes the project, as one prepared command (device time is short: a bare machine, a
 # few minutes, no network). Usage, from the repo root:
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR [tests] [bench] [scoring]     (default: all three)
+#   bash benchmarks/gpu_check.sh OUT_DIR [check] [tests] [bench] [scoring]     (default: all four)
 #
-#   tests    build the CUDA extension, run the suite natively (no interpreter), compute-sanitizer
+#   check    python -m zr_kernels.check: every op against its PyTorch twin, real sizes, bad ids (the users' check)
+#   tests    the suite natively (no interpreter), compute-sanitizer
 #   bench    python -m benchmarks (every op, the overhead bench) into OUT_DIR/results
 #   scoring  student scoring ours vs naive at 128 and 512 px, the ReFL step, the demo on cuda
 #
@@ -14,9 +15,9 @@
 # device tool's 10 minutes per call. OUT_DIR/results/<device>.md is the table for the README.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [tests] [bench] [scoring]}
+out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [check] [tests] [bench] [scoring]}
 shift
-phases=("${@:-tests bench scoring}")
+phases=("${@:-check tests bench scoring}")
 mkdir -p "$out/results"
 export PYTHONUNBUFFERED=1
 
@@ -38,6 +39,8 @@ ZR_KERNELS_CUDA=1 step build 120 python3 -m pip install --no-build-isolation --n
 
 for phase in ${phases[@]}; do
   case $phase in
+    check)
+      step check 240 python3 -m zr_kernels.check ;;
     tests)
       workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
       step tests 300 python3 -m pytest -q -rs $workers tests
@@ -53,7 +56,7 @@ for phase in ${phases[@]}; do
       done
       step refl 120 python3 -m benchmarks.bench_refl --out "$out/results"
       step demo 180 python3 -m zreward.cli demo --device cuda --output-dir "$out/demo" ;;
-    *) echo "unknown step group: $phase (tests, bench, scoring)" >&2; exit 2 ;;
+    *) echo "unknown step group: $phase (check, tests, bench, scoring)" >&2; exit 2 ;;
   esac
 done
 cat "$out/status"

@@ -252,3 +252,44 @@ def test_column_offsets_past_2_to_31_elements():
     out = linear_score(hidden, weight, [1.0, 2.0], token_ids=ids, backend="triton")
     expected = torch.softmax(hidden.float() @ weight[ids].float().T, -1)
     torch.testing.assert_close(out.probs, expected, atol=1e-3, rtol=1e-3)
+
+
+# ---- on a GPU: the same through the ops with real CUDA ids ----
+
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("ids", [[2, 5, 50], [2, -1, 5], [7, 3, 7]])
+def test_cuda_ids_through_every_op(ids):
+    torch.manual_seed(2)
+    ids = torch.tensor(ids, device="cuda")
+    logits = torch.randn(6, 50, device="cuda", requires_grad=True)
+    out = score_distribution(logits, ids, [1.0, 2.0, 3.0])
+    out.mean.sum().backward()
+    torch.cuda.synchronize()
+    assert bool(out.probs.isnan().all()) and not bool(logits.grad.isfinite().all())
+    teacher = torch.full((6, 3), 1 / 3, device="cuda")
+    for normalize in ("slice", "vocab"):
+        assert bool(SliceKLLoss(ids, normalize).cuda()(logits, teacher).isnan())
+    hidden = torch.randn(6, 16, device="cuda")
+    for backend in ("triton", "cuda"):
+        if backend == "cuda" and not linear_score_cuda_built():
+            continue
+        weight = torch.randn(50, 16, device="cuda", requires_grad=True)
+        dist = linear_score(hidden, weight, [1.0, 2.0, 3.0], token_ids=ids, backend=backend)
+        dist.mean.sum().backward()
+        torch.cuda.synchronize()
+        assert bool(dist.probs.isnan().all())
+        valid = [i for i in set(ids.tolist()) if 0 <= i < 50]
+        others = [i for i in range(50) if i not in valid]
+        assert bool(weight.grad[valid].isnan().all()) and bool((weight.grad[others] == 0).all())
+
+
+def linear_score_cuda_built() -> bool:
+    try:
+        from zr_kernels import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
