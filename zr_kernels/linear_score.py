@@ -143,8 +143,9 @@ def linear_score(hidden, weight, values, token_ids=None, bias=None, temperature=
     if torch.is_autocast_enabled(hidden.device.type):
         hidden, weight, token_ids, bias = _autocast(hidden, weight, token_ids, bias)
     n_rows, dim = hidden.shape
-    if dim < 1:
-        raise ValueError(f"hidden must be [N, D] with D >= 1, got shape {tuple(hidden.shape)}")
+    if not 1 <= dim <= triton_launchers.MAX_DIM:
+        raise ValueError(f"hidden must be [N, D] with 1 <= D <= {triton_launchers.MAX_DIM}, got shape "
+                         f"{tuple(hidden.shape)}")
     if weight.shape[1] != dim:
         raise ValueError(f"weight must be [K or V, {dim}] (D of hidden), got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:

@@ -27,6 +27,7 @@ BLOCK_ROWS = 16  # tl.dot needs every tile side >= 16
 BLOCK_D = 128
 ROWS_PER_SPLIT = 1024  # hidden rows per weight-gradient partial (a multiple of BLOCK_ROWS)
 MAX_SPLITS = 65535  # a CUDA grid's y dimension; past 67M rows each split takes more rows
+MAX_DIM = 2**26  # hidden size limit: one split's [K, D] partial sums (K <= 32) stay below 2^31 elements
 
 
 def _block_bins(num_bins: int) -> int:
@@ -137,18 +138,21 @@ def _linear_score_weight_partials_kernel(
     acc_b = tl.zeros((BLOCK_BINS,), dtype=acc_type)
     begin = split * rows_per_split
     end = tl.minimum(begin + rows_per_split, n_rows)
+    h_cols = hidden_ptr + cols64 * stride_hd  # the column part of the address, once (fewer live registers)
     for n0 in range(begin, end, BLOCK_ROWS):
         rows = n0 + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < end
         rows64 = rows.to(tl.int64)
         g = tl.load(grad_logits_ptr + rows64[:, None] * n_bins + bins[None, :],
                     mask=row_ok[:, None] & bin_ok[None, :], other=0.0)
-        h = tl.load(hidden_ptr + rows64[:, None] * stride_hn + cols64[None, :] * stride_hd,
+        h = tl.load(h_cols[None, :] + rows64[:, None] * stride_hn,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(acc_type)
         acc += tl.dot(tl.trans(g), h, input_precision="ieee", out_dtype=acc_type)
         acc_b += tl.sum(g, axis=0)
-    out = split.to(tl.int64) * n_bins * dim + bins.to(tl.int64)[:, None] * dim + cols64[None, :]
-    tl.store(partial_w_ptr + out, acc, mask=bin_ok[:, None] & col_ok[None, :])
+    # A split's [K, D] block is below 2^31 elements (K <= 32, D <= MAX_DIM), so its offsets stay 32-bit, which
+    # saves the registers of a [K, BLOCK_D] int64 tile; the split's base is 64-bit.
+    split_w = partial_w_ptr + split.to(tl.int64) * n_bins * dim
+    tl.store(split_w + bins[:, None] * dim + cols[None, :], acc, mask=bin_ok[:, None] & col_ok[None, :])
     if pid_d == 0:
         tl.store(partial_b_ptr + split * n_bins + bins, acc_b, mask=bin_ok)
 
@@ -171,7 +175,7 @@ def _linear_score_sum_partials_kernel(
     acc_b = tl.zeros((BLOCK_BINS,), dtype=acc_type)
     base = tl.zeros((), dtype=tl.int64)  # splits · K · D passes 2^31 at tens of millions of rows
     for split in range(0, n_splits):  # fixed order: the same bits every run
-        acc += tl.load(partial_w_ptr + base + bins.to(tl.int64)[:, None] * dim + cols64[None, :],
+        acc += tl.load(partial_w_ptr + base + bins[:, None] * dim + cols[None, :],  # 32-bit within a split
                        mask=bin_ok[:, None] & col_ok[None, :], other=0.0)
         acc_b += tl.load(partial_b_ptr + split * n_bins + bins, mask=bin_ok, other=0.0)
         base += n_bins * dim
