@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,65 +119,85 @@ def resume_state(output: Path) -> Counter:
     return Counter((r["image"], r["prompt"]) for r in read_score_lines(output))
 
 
-def score_file(scorer, input_path, output, scoring: Scoring, *, batch_size: int = 8, resume: bool = False,
-               on_error: str = "skip", prompts_file=None, progress: bool = True, log=None) -> dict:
-    """Score every candidate of ``input_path`` into the JSONL ``output``; returns the counts
-    ``{"scored", "skipped", "already_done"}``. See the module docstring for the formats."""
+def score_candidates(scorer, items: Iterable[Candidate | InputError], scoring: Scoring, batch_size: int,
+                     reject: Callable[[InputError], None]) -> Iterator[list[tuple[Candidate, dict]]]:
+    """Score a stream of candidates in batches of one image size; yields each scored batch as ``(candidate,
+    record)`` pairs, in the order batches complete. Memory holds at most ``MAX_PENDING_BATCHES`` batches of
+    images. Each bad entry (an ``InputError`` of the input, or an image that cannot be read or scored) goes to
+    ``reject``, which raises to stop. ``zreward score`` and each actor of ``zreward score --ray`` run this."""
+    pending: dict[tuple, list[tuple[Candidate, torch.Tensor]]] = defaultdict(list)
+
+    def flush(key) -> list[tuple[Candidate, dict]]:
+        batch = pending.pop(key)
+        dist = score_images(scorer, [image for _, image in batch], [c.prompt for c, _ in batch], scoring.dimensions)
+        return list(zip([c for c, _ in batch], scoring.records(dist)))
+
+    for item in items:
+        if isinstance(item, InputError):
+            reject(item)
+            continue
+        try:
+            image = check_image(load_image(item.path), scorer, "image")
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            reject(InputError(f"{item.source}: cannot score image {item.path} ({error})"))
+            continue
+        pending[tuple(image.shape)].append((item, image))
+        if len(pending[tuple(image.shape)]) == batch_size:
+            yield flush(tuple(image.shape))
+        elif sum(map(len, pending.values())) >= MAX_PENDING_BATCHES * batch_size:
+            yield flush(max(pending, key=lambda k: len(pending[k])))
+    for key in list(pending):
+        yield flush(key)
+
+
+def score_line(candidate: Candidate, record: dict) -> dict:
+    """A ``zreward score`` output line: the candidate's image and prompt as the input gave them, then the record."""
+    return {"image": candidate.image, "prompt": candidate.prompt, **record}
+
+
+def check_batch_options(batch_size, on_error: str) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+
+
+def score_file(scorer, input_path, output, scoring: Scoring, *, batch_size: int = 8, resume: bool = False,
+               on_error: str = "skip", prompts_file=None, progress: bool = True, log=None) -> dict:
+    """Score every candidate of ``input_path`` into the JSONL ``output``; returns the counts
+    ``{"scored", "skipped", "already_done"}``. See the module docstring for the formats."""
+    check_batch_options(batch_size, on_error)
     output = Path(output)
     if output.exists() and output.stat().st_size and not resume:
         raise ValueError(f"output {output} already holds scores: pass --resume to continue it, or remove it")
     log = log or (lambda message: tqdm.write(message, file=sys.stderr))
     done = resume_state(output) if resume else Counter()
     counts = {"scored": 0, "skipped": 0, "already_done": 0}
-    pending: dict[tuple, list[tuple[Candidate, torch.Tensor]]] = defaultdict(list)
 
     def reject(error: InputError) -> None:
         if on_error == "fail":
             raise error
         counts["skipped"] += 1
         log(f"zreward score: {error} (skipped)")
+        bar.update(1)
 
-    def flush(key) -> None:
-        batch = pending.pop(key)
-        dist = score_images(scorer, [image for _, image in batch], [c.prompt for c, _ in batch], scoring.dimensions)
-        lines = [json.dumps({"image": c.image, "prompt": c.prompt, **record}) + "\n"
-                 for (c, _), record in zip(batch, scoring.records(dist))]
-        handle.write("".join(lines))
-        handle.flush()  # a kill after this point loses none of these lines
-        counts["scored"] += len(batch)
-        bar.update(len(batch))
+    def to_score():
+        for item in read_inputs(input_path, prompts_file):
+            if isinstance(item, Candidate) and done[(item.image, item.prompt)]:
+                done[(item.image, item.prompt)] -= 1
+                counts["already_done"] += 1
+                bar.update(1)
+                continue
+            yield item
 
     total = count_inputs(input_path)
     with output.open("a", encoding="utf-8") as handle, \
             tqdm(total=total, desc="scoring", unit="image", disable=not progress) as bar:
-        for item in read_inputs(input_path, prompts_file):
-            if isinstance(item, InputError):
-                reject(item)
-                bar.update(1)
-                continue
-            key = (item.image, item.prompt)
-            if done[key]:
-                done[key] -= 1
-                counts["already_done"] += 1
-                bar.update(1)
-                continue
-            try:
-                image = check_image(load_image(item.path), scorer, "image")
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
-                reject(InputError(f"{item.source}: cannot score image {item.path} ({error})"))
-                bar.update(1)
-                continue
-            pending[tuple(image.shape)].append((item, image))
-            if len(pending[tuple(image.shape)]) == batch_size:
-                flush(tuple(image.shape))
-            elif sum(map(len, pending.values())) >= MAX_PENDING_BATCHES * batch_size:
-                flush(max(pending, key=lambda k: len(pending[k])))
-        for key in list(pending):
-            flush(key)
+        for batch in score_candidates(scorer, to_score(), scoring, batch_size, reject):
+            handle.write("".join(json.dumps(score_line(c, record)) + "\n" for c, record in batch))
+            handle.flush()  # a kill after this point loses none of these lines
+            counts["scored"] += len(batch)
+            bar.update(len(batch))
     return counts
 
 
