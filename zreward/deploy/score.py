@@ -12,7 +12,8 @@ Images are read one at a time and scored in batches of one image size, so memory
 the order batches complete. ``--resume`` keeps the (image, prompt) pairs already in the output (dropping a line
 cut off by a kill) and scores the rest: a killed job loses nothing and repeats nothing. A malformed input line or
 an unreadable image is reported as ``file:line: problem`` and skipped, or ends the job with ``--on-error fail``.
-``--top-k K`` then writes the best K candidates of each prompt (as ``zreward rank``).
+``--top-k K`` then writes the best K candidates of each prompt (as ``zreward rank``). ``--ray`` scores the same
+input on a Ray cluster with a pool of model replicas instead (``zreward.deploy.ray_score``).
 """
 from __future__ import annotations
 
@@ -202,7 +203,13 @@ def score_file(scorer, input_path, output, scoring: Scoring, *, batch_size: int 
 
 
 def run(args) -> int:
+    if args.ray:
+        from zreward.deploy.ray_score import run as run_on_ray
+
+        return run_on_ray(args)
     try:
+        if args.format != "jsonl":
+            raise ValueError("--format parquet goes with --ray (one file per shard); the single process writes JSONL")
         scoring = Scoring(tuple(args.dimension or DIMENSIONS), args.aggregation, args.weights)
         if args.top_k is not None and args.top_k < 1:
             raise ValueError(f"--top-k must be positive, got {args.top_k}")
@@ -237,6 +244,17 @@ def add_parser(subparsers) -> None:
     add_scoring_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (of one size)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = parser.add_argument_group("Ray Data (--ray: --output is a folder of one file per shard; needs the ray "
+                                    "extra)")
+    ray.add_argument("--ray", action="store_true", help="score on a Ray cluster with a pool of model replicas")
+    ray.add_argument("--replicas", type=int, default=1, help="actors, each loading the model once (default 1)")
+    ray.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per actor (default 0: CPU)")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ray.add_argument("--shard-size", type=int, default=1000,
+                     help="candidates per shard, the unit of output files and of --resume (default 1000)")
+    ray.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="shard files (default jsonl)")
+    ray.add_argument("--ray-address", help="a running cluster ('auto', 'ray://HOST:10001'); default: the one of "
+                                           "$RAY_ADDRESS, else a local one")
     parser.set_defaults(run=run)
 
 
@@ -246,14 +264,16 @@ def scorer_from_args(args):
         if args.threads < 1:
             raise ValueError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return open_scorer(args.model, args.engine, args.device, args.dtype, args.attn_implementation)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return open_scorer(args.model, args.engine, device, args.dtype, args.attn_implementation)
 
 
 def add_scoring_arguments(parser) -> None:
     """The model-loading and scoring options ``zreward score`` and ``zreward serve`` share."""
     parser.add_argument("--engine", choices=ENGINES, default="hf",
                         help="inference engine: hf (default) or vllm (needs the vllm extra, see the README)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="torch device (default: cuda when there is one, else cpu; with --ray: "
+                                         "cuda when --gpus-per-replica is set, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--attn-implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice). On a CPU "
