@@ -86,10 +86,11 @@ def run(args, model_dir, environment: dict) -> str:
             with RewardClient([url for _, url in servers], timeout=CLIENT_TIMEOUT_S, retries=4, backoff_s=0.5,
                               max_images_per_request=args.images_per_request) as client:
                 drive(client, images, 2, 1.0, args.images_per_request)  # warm-up, not counted
+                warm = [r["sent"] for r in client.replicas()]
                 victim = servers[0][0]
                 result = drive(client, images, args.clients, args.seconds, args.images_per_request,
                                during=(lambda: os.kill(victim.pid, signal.SIGKILL)) if killing else None)
-                result["sent"] = [r["sent"] for r in client.replicas()]
+                result["sent"] = [r["sent"] - w for r, w in zip(client.replicas(), warm)]
         finally:
             for process, _ in servers:
                 if process.poll() is None:
