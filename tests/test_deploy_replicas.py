@@ -101,6 +101,7 @@ def test_errors_are_raised_never_scored(local):
         RewardClient("http://127.0.0.1:1", api="openai")
 
 
+@pytest.mark.slow  # three server processes, each importing torch and loading the model: 20-50 s on 2 shared cores
 def test_a_replica_killed_mid_run_loses_nothing(local, model_dir):
     """Three ``zreward serve`` processes; one is SIGKILLed while the client is spreading requests over them: every
     image comes back once, in order, with the scores it has alone."""
