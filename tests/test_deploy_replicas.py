@@ -68,7 +68,7 @@ def test_pool_picks_the_least_outstanding_and_sets_failed_replicas_aside():
     assert pool.status()[0]["failures"] == 2 and 0.2 < pool.status()[0]["available_in_s"] <= 0.3  # 0.4, capped
 
 
-def test_overloaded_and_failing_replicas_are_skipped(local, model_dir):
+def test_overloaded_and_failing_replicas_are_skipped(local):
     calls = []
     scorer = local.scorer
     with BackgroundServer(_failing_app(503, calls)) as busy, BackgroundServer(_failing_app(500, calls)) as broken, \
