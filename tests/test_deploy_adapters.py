@@ -143,7 +143,7 @@ def test_client_errors_name_the_problem(server):
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]  # nothing listens there once closed
     with RewardClient(f"http://127.0.0.1:{closed_port}", retries=2, backoff_s=0.01) as client:
-        with pytest.raises(RewardError, match="unreachable after 3 attempts"):
+        with pytest.raises(RewardError, match="no reward service answered after 3 attempts.*ConnectError"):
             client.score(uint8_images(1), ["a"])
     for kwargs, message in [({"retries": -1}, "retries"), ({"timeout": 0}, "timeout must be positive"),
                             ({"max_images_per_request": 0}, "max_images_per_request")]:

@@ -25,3 +25,25 @@ def test_load_and_faults_lose_no_request():
         assert [what for what, _, _ in checks][:3] == ["malformed JSON", "body above --max-request-mb",
                                                         "unknown field"]
         assert all(ok for _, _, ok in checks), checks
+
+
+def test_replicas_behind_one_client_are_driven_and_reported():
+    from argparse import Namespace
+
+    import numpy as np
+
+    from benchmarks.serve_replicas import drive, report
+    from zreward.deploy.client import RewardClient
+
+    scorer = tiny_scorer(3, STUDENT_CONFIG, torch.device("cpu"))
+    images = (np.random.default_rng(0).random((4, 32, 32, 3)) * 255).astype(np.uint8)
+    with BackgroundServer(create_app(scorer)) as first, BackgroundServer(create_app(scorer)) as second, \
+            RewardClient([first.url, second.url]) as client:
+        row = drive(client, images, clients=3, seconds=1.5, images_per_request=2)
+        row.update(sent=[r["sent"] for r in client.replicas()], mode="2 replica(s)")
+    assert row["ok"] > 0 and row["failed"] == row["lost"] == 0 and min(row["sent"]) > 0  # both replicas used
+    args = Namespace(clients=3, images_per_request=2, image_size=32, server_threads=1, seconds=1.5)
+    environment = {k: "x" for k in ("command", "machine", "torch", "transformers", "uvicorn", "commit", "date",
+                                    "load", "model")}
+    table = report(args, [row], environment).splitlines()
+    assert table[table.index("|---|---:|---:|---:|---:|---:|---:|---|") + 1].startswith(f"| 2 replica(s) | {row['ok']} |")

@@ -1,10 +1,11 @@
-"""Reward functions in the shapes RL trainers call, backed by a model in this process or by ``zreward serve``.
+"""Reward functions in the shapes RL trainers call, backed by a model in this process or by reward servers.
 
 A *backend* has ``score(images, prompts) -> list[record]`` (records as in ``zreward.deploy.engine``):
 
 * :class:`LocalReward` scores in this process from a model folder;
-* :class:`RewardClient` sends the images to a ``zreward serve`` service as PNG (JSON over HTTP, with a
-  timeout, and retries with exponential backoff on connection errors, 429 and 5xx answers).
+* :class:`~zreward.deploy.client.RewardClient` sends them over HTTP to one or several replicas of
+  ``zreward serve`` or of vLLM's OpenAI-compatible server running the model folder (least outstanding requests
+  first, a failed request retried on another replica, errors raised, never scored).
 
 The adapters wrap either one:
 
@@ -20,28 +21,18 @@ ones for uint8 images and differ by that rounding for float images.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from zreward.deploy.client import RewardClient, RewardError, check_prompts
 from zreward.deploy.engine import Scoring, open_scorer, score_images
-from zreward.deploy.images import encode_image, split_images, to_float_chw
+from zreward.deploy.images import split_images, to_float_chw
 
-
-class RewardError(RuntimeError):
-    """The service refused a request, or could not be reached within the retries."""
-
-
-def _check_prompts(prompts, count: int) -> list[str]:
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must be a sequence of strings, one per image")
-    prompts = list(prompts)
-    if len(prompts) != count:
-        raise ValueError(f"prompts must hold one prompt per image: got {len(prompts)} prompts for {count} images")
-    return prompts
+__all__ = ["LocalReward", "RewardClient", "RewardError", "flow_grpo_reward", "trl_reward_func",
+           "verl_batch_compute_score", "verl_compute_score"]
 
 
 class LocalReward:
@@ -57,97 +48,13 @@ class LocalReward:
 
     def score(self, images, prompts: Sequence[str]) -> list[dict]:
         images = [to_float_chw(image, f"images[{i}]") for i, image in enumerate(split_images(images))]
-        prompts = _check_prompts(prompts, len(images))
+        prompts = check_prompts(prompts, len(images))
         records = []
         for start in range(0, len(images), self.batch_size):
             rows = slice(start, start + self.batch_size)
             records += self.scoring.records(score_images(self.scorer, images[rows], prompts[rows],
                                                          self.scoring.dimensions))
         return records
-
-
-class RewardClient:
-    """Client of ``zreward serve`` at ``url``; ``scoring`` None uses the service's defaults.
-
-    Each call sends at most ``max_images_per_request`` images per request (the service's
-    ``--max-request-images``). ``timeout`` bounds each attempt; ``retries`` more attempts follow a connection
-    error, a timeout, 429 or 5xx, after ``backoff_s * 2**attempt`` seconds (or the service's ``Retry-After``).
-    """
-
-    RETRY_STATUSES = (429, 500, 502, 503, 504)
-
-    def __init__(self, url: str = "http://127.0.0.1:8321", token: str | None = None, scoring: Scoring | None = None,
-                 timeout: float = 60.0, retries: int = 3, backoff_s: float = 0.5, max_images_per_request: int = 64):
-        import httpx
-
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
-        if not timeout > 0 or not backoff_s >= 0:
-            raise ValueError(f"timeout must be positive and backoff_s non-negative, got {timeout} and {backoff_s}")
-        if isinstance(max_images_per_request, bool) or not isinstance(max_images_per_request, int) \
-                or max_images_per_request < 1:
-            raise ValueError(f"max_images_per_request must be a positive int, got {max_images_per_request!r}")
-        self.url = url.rstrip("/")
-        self.scoring, self.retries, self.backoff_s = scoring, retries, backoff_s
-        self.max_images_per_request = max_images_per_request
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(timeout=timeout, headers=headers)
-        self._transport_errors = (httpx.TransportError,)
-
-    def score(self, images, prompts: Sequence[str]) -> list[dict]:
-        encoded = [encode_image(image, f"images[{i}]") for i, image in enumerate(split_images(images))]
-        prompts = _check_prompts(prompts, len(encoded))
-        options = {} if self.scoring is None else {"dimensions": list(self.scoring.dimensions),
-                                                   "aggregation": self.scoring.aggregation,
-                                                   "weights": None if self.scoring.weights is None
-                                                   else list(self.scoring.weights)}
-        records = []
-        for start in range(0, len(encoded), self.max_images_per_request):
-            rows = slice(start, start + self.max_images_per_request)
-            body = {"images": encoded[rows], "prompts": prompts[rows], **options}
-            # Drop the service's echo of the request ("image" index, "prompt"): records equal LocalReward's.
-            records += [{k: v for k, v in r.items() if k not in ("image", "prompt")}
-                        for r in self._post("/score", body)["results"]]
-        return records
-
-    def health(self) -> dict:
-        return self._http.get(f"{self.url}/health").json()
-
-    def _post(self, path: str, body: dict) -> dict:
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
-            try:
-                response = self._http.post(f"{self.url}{path}", json=body)
-            except self._transport_errors as error:
-                if last:
-                    raise RewardError(f"reward service at {self.url} unreachable after {attempt + 1} attempts "
-                                      f"({type(error).__name__}: {error})") from error
-                time.sleep(self.backoff_s * 2**attempt)
-                continue
-            if response.status_code == 200:
-                return response.json()
-            if response.status_code not in self.RETRY_STATUSES or last:
-                raise RewardError(f"reward service at {self.url} answered {response.status_code}: "
-                                  f"{_error_message(response)}")
-            retry_after = response.headers.get("retry-after", "")
-            time.sleep(float(retry_after) if retry_after.isdigit() else self.backoff_s * 2**attempt)
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> "RewardClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _error_message(response) -> str:
-    try:
-        return str(response.json().get("error", response.text))
-    except ValueError:
-        return response.text
 
 
 def flow_grpo_reward(backend):

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from zr_kernels import ScoreDist
-from zreward.deploy.model_folder import DTYPES, METADATA_FILE, _vocab, load_model_folder, read_metadata
+from zreward.deploy.model_folder import DTYPES, load_folder_processor, load_model_folder
 from zreward.engines import ENGINES
 from zreward.refl.aggregation import get_aggregator
 from zreward.scoring.image_processing import target_size
 from zreward.scoring.rubric import DIMENSIONS
-from zreward.scoring.scorer import RewardScorer, ScoringProcessor
+from zreward.scoring.scorer import RewardScorer
 
 
 def open_scorer(model_dir, engine: str = "hf", device: str = "cpu", dtype: str = "float32",
@@ -40,11 +40,8 @@ def open_scorer(model_dir, engine: str = "hf", device: str = "cpu", dtype: str =
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    path = Path(model_dir)
-    metadata = read_metadata(path)
-    processor = ScoringProcessor.from_pretrained(path)
-    vocab = _vocab(metadata, processor.tokenizer, path / METADATA_FILE)
-    return VLLMEngine(path, processor.tokenizer, processor.image_processor, vocab, dtype=dtype)
+    processor, vocab = load_folder_processor(model_dir)
+    return VLLMEngine(Path(model_dir), processor.tokenizer, processor.image_processor, vocab, dtype=dtype)
 
 
 @dataclass(frozen=True)

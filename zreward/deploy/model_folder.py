@@ -123,6 +123,17 @@ def load_model_folder(path, device: str | torch.device = "cpu", dtype: str = "fl
     return RewardScorer(model, processor, vocab, attn_implementation=attn_implementation)
 
 
+def load_folder_processor(path) -> tuple[ScoringProcessor, ScoreVocab]:
+    """The tokenizer and image processor of the model folder ``path`` and its checked score vocabulary, without
+    the weights: what runs next to a model served elsewhere (vLLM in this process or behind its HTTP server)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model folder {path} does not exist")
+    metadata = read_metadata(path)
+    processor = ScoringProcessor.from_pretrained(path)
+    return processor, _vocab(metadata, processor.tokenizer, path / METADATA_FILE)
+
+
 def _vocab(metadata: dict, tokenizer, file: Path) -> ScoreVocab:
     """The recorded score vocabulary, re-derived from the tokenizer; any difference is an error naming ``file``."""
     recorded = metadata["score_vocab"]

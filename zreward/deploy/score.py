@@ -12,14 +12,15 @@ Images are read one at a time and scored in batches of one image size, so memory
 the order batches complete. ``--resume`` keeps the (image, prompt) pairs already in the output (dropping a line
 cut off by a kill) and scores the rest: a killed job loses nothing and repeats nothing. A malformed input line or
 an unreadable image is reported as ``file:line: problem`` and skipped, or ends the job with ``--on-error fail``.
-``--top-k K`` then writes the best K candidates of each prompt (as ``zreward rank``).
+``--top-k K`` then writes the best K candidates of each prompt (as ``zreward rank``). ``--ray`` scores the same
+input on a Ray cluster with a pool of model replicas instead (``zreward.deploy.ray_score``).
 """
 from __future__ import annotations
 
 import json
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,70 +120,96 @@ def resume_state(output: Path) -> Counter:
     return Counter((r["image"], r["prompt"]) for r in read_score_lines(output))
 
 
-def score_file(scorer, input_path, output, scoring: Scoring, *, batch_size: int = 8, resume: bool = False,
-               on_error: str = "skip", prompts_file=None, progress: bool = True, log=None) -> dict:
-    """Score every candidate of ``input_path`` into the JSONL ``output``; returns the counts
-    ``{"scored", "skipped", "already_done"}``. See the module docstring for the formats."""
+def score_candidates(scorer, items: Iterable[Candidate | InputError], scoring: Scoring, batch_size: int,
+                     reject: Callable[[InputError], None]) -> Iterator[list[tuple[Candidate, dict]]]:
+    """Score a stream of candidates in batches of one image size; yields each scored batch as ``(candidate,
+    record)`` pairs, in the order batches complete. Memory holds at most ``MAX_PENDING_BATCHES`` batches of
+    images. Each bad entry (an ``InputError`` of the input, or an image that cannot be read or scored) goes to
+    ``reject``, which raises to stop. ``zreward score`` and each actor of ``zreward score --ray`` run this."""
+    pending: dict[tuple, list[tuple[Candidate, torch.Tensor]]] = defaultdict(list)
+
+    def flush(key) -> list[tuple[Candidate, dict]]:
+        batch = pending.pop(key)
+        dist = score_images(scorer, [image for _, image in batch], [c.prompt for c, _ in batch], scoring.dimensions)
+        return list(zip([c for c, _ in batch], scoring.records(dist)))
+
+    for item in items:
+        if isinstance(item, InputError):
+            reject(item)
+            continue
+        try:
+            image = check_image(load_image(item.path), scorer, "image")
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            reject(InputError(f"{item.source}: cannot score image {item.path} ({error})"))
+            continue
+        pending[tuple(image.shape)].append((item, image))
+        if len(pending[tuple(image.shape)]) == batch_size:
+            yield flush(tuple(image.shape))
+        elif sum(map(len, pending.values())) >= MAX_PENDING_BATCHES * batch_size:
+            yield flush(max(pending, key=lambda k: len(pending[k])))
+    for key in list(pending):
+        yield flush(key)
+
+
+def score_line(candidate: Candidate, record: dict) -> dict:
+    """A ``zreward score`` output line: the candidate's image and prompt as the input gave them, then the record."""
+    return {"image": candidate.image, "prompt": candidate.prompt, **record}
+
+
+def check_batch_options(batch_size, on_error: str) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+
+
+def score_file(scorer, input_path, output, scoring: Scoring, *, batch_size: int = 8, resume: bool = False,
+               on_error: str = "skip", prompts_file=None, progress: bool = True, log=None) -> dict:
+    """Score every candidate of ``input_path`` into the JSONL ``output``; returns the counts
+    ``{"scored", "skipped", "already_done"}``. See the module docstring for the formats."""
+    check_batch_options(batch_size, on_error)
     output = Path(output)
     if output.exists() and output.stat().st_size and not resume:
         raise ValueError(f"output {output} already holds scores: pass --resume to continue it, or remove it")
     log = log or (lambda message: tqdm.write(message, file=sys.stderr))
     done = resume_state(output) if resume else Counter()
     counts = {"scored": 0, "skipped": 0, "already_done": 0}
-    pending: dict[tuple, list[tuple[Candidate, torch.Tensor]]] = defaultdict(list)
 
     def reject(error: InputError) -> None:
         if on_error == "fail":
             raise error
         counts["skipped"] += 1
         log(f"zreward score: {error} (skipped)")
+        bar.update(1)
 
-    def flush(key) -> None:
-        batch = pending.pop(key)
-        dist = score_images(scorer, [image for _, image in batch], [c.prompt for c, _ in batch], scoring.dimensions)
-        lines = [json.dumps({"image": c.image, "prompt": c.prompt, **record}) + "\n"
-                 for (c, _), record in zip(batch, scoring.records(dist))]
-        handle.write("".join(lines))
-        handle.flush()  # a kill after this point loses none of these lines
-        counts["scored"] += len(batch)
-        bar.update(len(batch))
+    def to_score():
+        for item in read_inputs(input_path, prompts_file):
+            if isinstance(item, Candidate) and done[(item.image, item.prompt)]:
+                done[(item.image, item.prompt)] -= 1
+                counts["already_done"] += 1
+                bar.update(1)
+                continue
+            yield item
 
     total = count_inputs(input_path)
     with output.open("a", encoding="utf-8") as handle, \
             tqdm(total=total, desc="scoring", unit="image", disable=not progress) as bar:
-        for item in read_inputs(input_path, prompts_file):
-            if isinstance(item, InputError):
-                reject(item)
-                bar.update(1)
-                continue
-            key = (item.image, item.prompt)
-            if done[key]:
-                done[key] -= 1
-                counts["already_done"] += 1
-                bar.update(1)
-                continue
-            try:
-                image = check_image(load_image(item.path), scorer, "image")
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
-                reject(InputError(f"{item.source}: cannot score image {item.path} ({error})"))
-                bar.update(1)
-                continue
-            pending[tuple(image.shape)].append((item, image))
-            if len(pending[tuple(image.shape)]) == batch_size:
-                flush(tuple(image.shape))
-            elif sum(map(len, pending.values())) >= MAX_PENDING_BATCHES * batch_size:
-                flush(max(pending, key=lambda k: len(pending[k])))
-        for key in list(pending):
-            flush(key)
+        for batch in score_candidates(scorer, to_score(), scoring, batch_size, reject):
+            handle.write("".join(json.dumps(score_line(c, record)) + "\n" for c, record in batch))
+            handle.flush()  # a kill after this point loses none of these lines
+            counts["scored"] += len(batch)
+            bar.update(len(batch))
     return counts
 
 
 def run(args) -> int:
+    if args.ray:
+        from zreward.deploy.ray_score import run as run_on_ray
+
+        return run_on_ray(args)
     try:
+        if args.format != "jsonl":
+            raise ValueError("--format parquet goes with --ray (one file per shard); the single process writes JSONL")
         scoring = Scoring(tuple(args.dimension or DIMENSIONS), args.aggregation, args.weights)
         if args.top_k is not None and args.top_k < 1:
             raise ValueError(f"--top-k must be positive, got {args.top_k}")
@@ -217,6 +244,17 @@ def add_parser(subparsers) -> None:
     add_scoring_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (of one size)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = parser.add_argument_group("Ray Data (--ray: --output is a folder of one file per shard; needs the ray "
+                                    "extra)")
+    ray.add_argument("--ray", action="store_true", help="score on a Ray cluster with a pool of model replicas")
+    ray.add_argument("--replicas", type=int, default=1, help="actors, each loading the model once (default 1)")
+    ray.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per actor (default 0: CPU)")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ray.add_argument("--shard-size", type=int, default=1000,
+                     help="candidates per shard, the unit of output files and of --resume (default 1000)")
+    ray.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="shard files (default jsonl)")
+    ray.add_argument("--ray-address", help="a running cluster ('auto', 'ray://HOST:10001'); default: the one of "
+                                           "$RAY_ADDRESS, else a local one")
     parser.set_defaults(run=run)
 
 
@@ -226,14 +264,16 @@ def scorer_from_args(args):
         if args.threads < 1:
             raise ValueError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return open_scorer(args.model, args.engine, args.device, args.dtype, args.attn_implementation)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return open_scorer(args.model, args.engine, device, args.dtype, args.attn_implementation)
 
 
 def add_scoring_arguments(parser) -> None:
     """The model-loading and scoring options ``zreward score`` and ``zreward serve`` share."""
     parser.add_argument("--engine", choices=ENGINES, default="hf",
                         help="inference engine: hf (default) or vllm (needs the vllm extra, see the README)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="torch device (default: cuda when there is one, else cpu; with --ray: "
+                                         "cuda when --gpus-per-replica is set, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--attn-implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice). On a CPU "

@@ -315,18 +315,7 @@ class VLLMEngine(InferenceEngine):
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _engine_images(self, images: torch.Tensor):
-        """``images [B, 3, H, W]`` resized to the processor's target size (as ``preprocess_images`` resizes) and
-        rounded to 8 bits: as floats on their device (for the training side) and as PIL images (for vLLM)."""
-        from PIL import Image
-
-        height, width = images.shape[-2:]
-        size = target_size(height, width, self.image_processor)
-        x = images.detach().float()
-        if size != (height, width):
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-        quantised = (x.clamp(0.0, 1.0) * 255).round().to(torch.uint8)
-        pil = [Image.fromarray(q.permute(1, 2, 0).cpu().numpy()) for q in quantised]
-        return quantised.to(images.dtype) / 255, pil
+        return engine_images(images, self.image_processor)
 
     @staticmethod
     def _request(token_ids: list[int], image) -> dict:
@@ -336,13 +325,37 @@ class VLLMEngine(InferenceEngine):
         """The K-bin score distribution at the last position of each request (``[N, K]``)."""
         sampling = self._vllm.SamplingParams(max_tokens=1, logprob_token_ids=self.score_ids, detokenize=False)
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
-        logprobs = torch.tensor([[out.outputs[0].logprobs[0][t].logprob for t in self.score_ids]
-                                 for out in outputs], dtype=torch.float32)
-        if not torch.isfinite(logprobs).all():
-            raise RuntimeError("vLLM returned non-finite score log-probs")
-        # Full-vocabulary log-probs of the K ids: the close-set softmax over them renormalises (a shift by a
-        # constant per row, which the softmax ignores).
-        return zr_kernels.score_distribution(logprobs, torch.arange(len(self.score_ids)), self.vocab.values)
+        return renormalise_score_logprobs([[out.outputs[0].logprobs[0][t].logprob for t in self.score_ids]
+                                           for out in outputs], self.vocab.values)
+
+
+def renormalise_score_logprobs(logprobs, values: torch.Tensor) -> ScoreDist:
+    """The score distributions ``[N, K]`` of ``logprobs`` ``[N, K]``: the full-vocabulary log-probs vLLM returns
+    for the K score ids (``logprob_token_ids``), in score-bin order. The close-set softmax over them renormalises
+    (a shift by a constant per row, which the softmax ignores). Used by :class:`VLLMEngine` and by the client of
+    vLLM's OpenAI-compatible server (``zreward.deploy.openai_api``)."""
+    logprobs = torch.as_tensor(logprobs, dtype=torch.float32)
+    if logprobs.dim() != 2 or logprobs.shape[1] != len(values):
+        raise ValueError(f"logprobs must be [N, {len(values)}] (one per score bin), got {tuple(logprobs.shape)}")
+    if not torch.isfinite(logprobs).all():
+        raise RuntimeError("vLLM returned non-finite score log-probs")
+    return zr_kernels.score_distribution(logprobs, torch.arange(len(values)), values)
+
+
+def engine_images(images: torch.Tensor, image_processor):
+    """``images [B, 3, H, W]`` resized to the processor's target size (as ``preprocess_images`` resizes) and rounded
+    to 8 bits: as floats on their device (for the training side) and as PIL images (for vLLM, in this process or
+    behind its HTTP server), so that vLLM's processor neither resizes nor rounds them again."""
+    from PIL import Image
+
+    height, width = images.shape[-2:]
+    size = target_size(height, width, image_processor)
+    x = images.detach().float()
+    if size != (height, width):
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    quantised = (x.clamp(0.0, 1.0) * 255).round().to(torch.uint8)
+    pil = [Image.fromarray(q.permute(1, 2, 0).cpu().numpy()) for q in quantised]
+    return quantised.to(images.dtype) / 255, pil
 
 
 def probe_image() -> torch.Tensor:
