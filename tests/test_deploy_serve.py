@@ -264,16 +264,17 @@ def test_batcher_skips_cancelled_jobs_and_survives_a_failing_forward(scorer):
     batcher.start()
     image = uint8_images(1)[0]
     try:
-        cancelled = batcher.submit(Job([image], ["a"], Scoring()))
-        assert cancelled.cancel()
+        cancelled = batcher.submit(Job([image, image], ["a", "a"], Scoring()))
+        assert cancelled.cancel() and batcher.queued_images == 0  # its place in the queue is free at once
         first = batcher.submit(Job([image], ["b"], Scoring()))
         second = batcher.submit(Job([image, image], ["c", "d"], Scoring(("realism",))))
-        with pytest.raises(QueueFull, match="holds 4 of at most 4 images"):
-            batcher.submit(Job([image], ["e"], Scoring()))
+        with pytest.raises(QueueFull, match="holds 3 of at most 4 images"):
+            batcher.submit(Job([image, image], ["e", "e"], Scoring()))
         for future in (first, second):  # one batch, one failed forward: both get its error
             with pytest.raises(RuntimeError, match="forward failed"):
                 future.result(timeout=30)
         assert batcher.stats["cancelled"] == 1 and batcher.stats["failed_batches"] == 1
+        assert batcher.stats["dropped_images"] == {"client_gone": 2}
         records = batcher.submit(Job([image], ["f"], Scoring(("realism",)))).result(timeout=30)
         assert list(records[0]["dimensions"]) == ["realism"] and FailsOnce.calls == 2
     finally:
