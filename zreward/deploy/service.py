@@ -145,8 +145,13 @@ class HealthResponse(BaseModel):
 
 
 def _errors(**descriptions: str) -> dict:
-    """OpenAPI ``responses`` entries with the error model, keyed ``e400=...`` by status."""
-    return {int(key[1:]): {"model": ErrorResponse, "description": text} for key, text in descriptions.items()}
+    """OpenAPI ``responses`` entries of JSON errors (``ErrorResponse``), given as ``e400="what"`` by status."""
+    responses = {int(key[1:]): {"description": text, "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/ErrorResponse"}}}} for key, text in descriptions.items()}
+    if 503 in responses:
+        responses[503]["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying",
+                                                     "schema": {"type": "integer"}}}
+    return responses
 
 
 class ApiError(Exception):
@@ -202,22 +207,24 @@ def create_app(scorer, settings: ServeSettings = ServeSettings(), token: str | N
     async def http_error(request: Request, error: HTTPException):
         return JSONResponse({"error": str(error.detail)}, error.status_code, headers=error.headers)
 
-    @app.get("/health", response_model=HealthResponse,
+    @app.get("/health", response_model=HealthResponse, operation_id="health",
              responses={503: {"model": HealthResponse, "description": "The service is shutting down"}})
     async def health():
+        """Readiness: 200 while requests are taken, 503 once the service shuts down. No token needed."""
         status = 503 if batcher.closing else 200
         return JSONResponse({"status": "shutting down" if batcher.closing else "ok",
                              "queued_images": batcher.queued_images, "max_batch": batcher.max_batch}, status)
 
-    @app.get("/metrics", response_class=PlainTextResponse,
+    @app.get("/metrics", response_class=PlainTextResponse, operation_id="metrics",
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text format"},
                         **_errors(e401="Missing or wrong bearer token")})
     async def metrics(request: Request):
+        """Prometheus counters: requests by status, refusals and dropped images by reason, batches, latency."""
         authorize(request)
         return PlainTextResponse(_prometheus(batcher, responses, refused, latency))
 
-    @app.post("/score", response_model=ScoreResponse, openapi_extra={"requestBody": {
+    @app.post("/score", response_model=ScoreResponse, operation_id="score", openapi_extra={"requestBody": {
                   "required": True, "content": {"application/json": {"schema": {
                       "$ref": "#/components/schemas/ScoreRequest"}}}}},
               responses=_errors(
@@ -227,6 +234,7 @@ def create_app(scorer, settings: ServeSettings = ServeSettings(), token: str | N
                   e500="The forward pass failed",
                   e503="Queue full or shutting down; retry after Retry-After seconds"))
     async def score(request: Request):
+        """Score distributions per image and dimension, and each image's reward, in request order."""
         started = time.perf_counter()
         authorize(request)
         try:
@@ -258,13 +266,14 @@ def create_app(scorer, settings: ServeSettings = ServeSettings(), token: str | N
         return JSONResponse({"error": f"scoring failed: {type(error).__name__}: {error}"}, 500)
 
     def openapi() -> dict:
-        """FastAPI's schema plus the request model (parsed by hand, so that the body limit holds while it is
-        read) and, with a token, the bearer scheme on the endpoints that need it."""
+        """FastAPI's schema plus the models the routes refer to by hand (the request body is parsed by hand, so
+        that the body limit holds while it is read) and, with a token, the bearer scheme where it is needed."""
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
-            schema["components"]["schemas"]["ScoreRequest"] = ScoreRequest.model_json_schema(
-                ref_template="#/components/schemas/{model}")
+            for model in (ScoreRequest, ErrorResponse):
+                schema["components"]["schemas"][model.__name__] = model.model_json_schema(
+                    ref_template="#/components/schemas/{model}")
             if token is not None:
                 schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
                 for path in ("/score", "/metrics"):
