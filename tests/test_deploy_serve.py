@@ -366,3 +366,21 @@ def test_the_unscored_images_of_a_client_gone_are_never_scored(scorer):
         scored = batcher.stats["images"]
         assert _score(running.url, uint8_images(1), ["next"], headers={}).status_code == 200
         assert batcher.stats["images"] == scored + 1  # nothing of the abandoned request ran after it was dropped
+
+
+def test_the_serving_page_runs_and_names_every_option(tmp_path, monkeypatch, capsys):
+    import argparse
+    from pathlib import Path
+
+    from zreward.deploy.serve import add_parser
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    monkeypatch.chdir(tmp_path)  # the example writes its model folder to ./tiny_student
+    (example,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    exec(compile(example, "docs/serving.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("200 ") and "413 {'error': 'prompts[0] is 600 tokens long" in printed
+    parser = argparse.ArgumentParser().add_subparsers()
+    add_parser(parser)
+    options = {o for action in parser.choices["serve"]._actions for o in action.option_strings if o.startswith("--")}
+    assert options - {"--help"} and not {o for o in options - {"--help"} if f"`{o}" not in page}
