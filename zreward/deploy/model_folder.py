@@ -62,7 +62,7 @@ def save_model_folder(scorer: RewardScorer, path, role: str = "student") -> Path
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    for weights in tmp.glob("*.safetensors"):  # private temp files renamed by save_pretrained
+    for weights in tmp.glob("*.safetensors"):  # safetensors leaves them 0600 whatever the umask
         honour_umask(weights)
     ScoringProcessor(scorer.tokenizer, scorer.image_processor).save_pretrained(tmp)
     vocab = scorer.vocab

@@ -144,8 +144,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body, MiB")
     parser.add_argument("--max-image-pixels", type=int, default=2048 * 2048)
     parser.add_argument("--max-prompt-tokens", type=int,
-                        help="longest prompt in tokens; default: what the model's context leaves, at most "
-                             f"{PROMPT_TOKENS_CAP}, what text-to-image models read at most")
+                        help="longest prompt in tokens (default: what the model's context leaves, capped at "
+                             f"{PROMPT_TOKENS_CAP}, the most that text-to-image models read)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds to finish received requests on shutdown")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

@@ -39,13 +39,14 @@ from zreward.deploy.batcher import Job, MicroBatcher, QueueFull, ShuttingDown
 from zreward.deploy.engine import Scoring, check_image, context_length
 from zreward.deploy.images import ImageTooLarge, decode_image, to_float_chw
 from zreward.deploy.serve import PROMPT_TOKENS_CAP
+from zreward.refl.aggregation import AGGREGATORS
 from zreward.scoring.image_processing import target_size
 from zreward.scoring.rubric import DIMENSIONS, chat_prompt
 
 CLIENT_GONE = 499  # logged for a request whose client disconnected; nobody receives it
-# Why a request was refused (the ``reason`` label of zreward_refused_requests_total) and its status.
-REFUSALS = {"invalid_request": 400, "unauthorized": 401, "body_too_large": 413, "too_many_images": 413,
-            "image_too_large": 413, "prompt_too_long": 413, "queue_full": 503, "shutting_down": 503}
+# Why a request was refused: the ``reason`` label of zreward_refused_requests_total (400, 401, 413 x 4, 503 x 2).
+REFUSAL_REASONS = ("invalid_request", "unauthorized", "body_too_large", "too_many_images", "image_too_large",
+                   "prompt_too_long", "queue_full", "shutting_down")
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,8 @@ class ScoreRequest(BaseModel):
     prompts: list[str] = Field(min_length=1, description="The prompt each image was generated from, one per image")
     dimensions: list[str] | None = Field(None, description=f"Distinct rubric dimensions out of {list(DIMENSIONS)} "
                                                            "(default: the service's)")
-    aggregation: str | None = Field(None, description="How the dimensions' expected scores make one reward: "
-                                                      "weighted_mean, min, ... (default: the service's)")
+    aggregation: str | None = Field(None, description="How the dimensions' expected scores make one reward, one "
+                                                      f"of {sorted(AGGREGATORS)} (default: the service's)")
     weights: list[float] | None = Field(None, description="One non-negative weight per dimension, positive sum")
 
 
@@ -156,7 +157,7 @@ def _errors(**descriptions: str) -> dict:
 
 class ApiError(Exception):
     """A refused request: HTTP ``status`` with ``{"error": message}``; ``reason`` labels the refusal in /metrics
-    (a key of ``REFUSALS``; None for errors that are not refusals)."""
+    (one of ``REFUSAL_REASONS``; None for errors that are not refusals)."""
 
     def __init__(self, status: int, message: str, headers: dict | None = None, reason: str | None = None):
         super().__init__(message)
@@ -370,7 +371,7 @@ def _prometheus(batcher: MicroBatcher, responses: Counter, refused: Counter, lat
     lines = ["# TYPE zreward_requests_total counter"]
     lines += [f'zreward_requests_total{{code="{code}"}} {n}' for code, n in sorted(responses.items(), key=str)]
     lines += ["# TYPE zreward_refused_requests_total counter"]
-    lines += [f'zreward_refused_requests_total{{reason="{reason}"}} {refused[reason]}' for reason in REFUSALS]
+    lines += [f'zreward_refused_requests_total{{reason="{reason}"}} {refused[reason]}' for reason in REFUSAL_REASONS]
     lines += ["# TYPE zreward_dropped_images_total counter"]
     lines += [f'zreward_dropped_images_total{{reason="{reason}"}} {stats["dropped_images"][reason]}'
               for reason in ("client_gone", "request_failed")]
