@@ -123,7 +123,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "trl>=0.20", *SERVE],
+        # openapi-spec-validator: tests/test_deploy_openapi.py checks the service's published schema with it.
+        "dev": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "trl>=0.20", "openapi-spec-validator>=0.7",
+                *SERVE],
         # `zreward serve` and the RewardClient of zreward.deploy.adapters.
         "serve": SERVE,
         # Triton kernels for Qwen3.5's gated delta rule (zreward.scoring.gated_delta). CUDA machines only: once installed,

@@ -120,3 +120,11 @@ def test_tied_weights_stored_once(tmp_path):
     fresh[1].weight = fresh[0].weight
     load_checkpoint(tmp_path / "ckpt", fresh)
     assert torch.equal(fresh[1].weight, model[0].weight)
+
+
+def test_every_file_gets_the_mode_of_the_umask(tmp_path, umask):
+    # safetensors writes a private temp file and renames it: without the chmod these would be 0600 under any umask
+    model, optimizer = make_run()
+    path = save_checkpoint(tmp_path / "ckpt", model, optimizer, {"step": 0}, extra_models={"reference": Net()})
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in path.iterdir()}
+    assert len(modes) == 5 and modes == dict.fromkeys(modes, oct(0o666 & ~umask))

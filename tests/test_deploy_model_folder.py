@@ -121,3 +121,10 @@ def test_demo_model_folders_score_as_the_trained_models(tmp_path):
     teacher = load_model_folder(tmp_path / "teacher")
     assert json.loads((tmp_path / "teacher" / METADATA_FILE).read_text())["role"] == "teacher"
     assert teacher.model.config.text_config.hidden_size != student.model.config.text_config.hidden_size
+
+
+def test_folder_files_get_the_mode_of_the_umask(scorer, tmp_path, umask):
+    # A service running as another user must be able to read a folder a training job wrote (0644 under umask 022).
+    folder = save_model_folder(scorer, tmp_path / "student")
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+    assert "model.safetensors" in modes and modes == dict.fromkeys(modes, oct(0o666 & ~umask))

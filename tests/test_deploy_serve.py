@@ -112,6 +112,9 @@ def _bad_requests():
          "above the limit of 4096"),
         ("too many images", json.dumps({"images": [good] * 5, "prompts": ["a"] * 5}), 413, "above the limit of 4"),
         ("body too large", json.dumps({"images": [good], "prompts": ["a" * 100_001]}), 413, "request body"),
+        # The tiny tokenizer spells "a" * n in n tokens; the default limit is 512.
+        ("prompt too long", json.dumps({"images": [good, good], "prompts": ["a", "a" * 20_000]}), 413,
+         "prompts[1] is 20000 tokens long, above the limit of 512 tokens"),
     ]
 
 
@@ -245,6 +248,11 @@ def test_command_refuses_an_open_address_without_a_token(model_dir, monkeypatch)
         main(["serve", "--model", str(model_dir), "--engine", "vllm"])
     with pytest.raises(SystemExit, match="--threads must be positive"):
         main(["serve", "--model", str(model_dir), "--threads", "0"])
+    with pytest.raises(SystemExit, match=r"max_prompt_tokens \(100000\) is above the \d+ tokens the model's context "
+                                         "of 32768 leaves"):
+        main(["serve", "--model", str(model_dir), "--max-prompt-tokens", "100000"])
+    with pytest.raises(SystemExit, match="max_prompt_tokens must be a positive int, got 0"):
+        main(["serve", "--model", str(model_dir), "--max-prompt-tokens", "0"])
 
 
 def test_batcher_skips_cancelled_jobs_and_survives_a_failing_forward(scorer):
@@ -264,16 +272,17 @@ def test_batcher_skips_cancelled_jobs_and_survives_a_failing_forward(scorer):
     batcher.start()
     image = uint8_images(1)[0]
     try:
-        cancelled = batcher.submit(Job([image], ["a"], Scoring()))
-        assert cancelled.cancel()
+        cancelled = batcher.submit(Job([image, image], ["a", "a"], Scoring()))
+        assert cancelled.cancel() and batcher.queued_images == 0  # its place in the queue is free at once
         first = batcher.submit(Job([image], ["b"], Scoring()))
         second = batcher.submit(Job([image, image], ["c", "d"], Scoring(("realism",))))
-        with pytest.raises(QueueFull, match="holds 4 of at most 4 images"):
-            batcher.submit(Job([image], ["e"], Scoring()))
+        with pytest.raises(QueueFull, match="holds 3 of at most 4 images"):
+            batcher.submit(Job([image, image], ["e", "e"], Scoring()))
         for future in (first, second):  # one batch, one failed forward: both get its error
             with pytest.raises(RuntimeError, match="forward failed"):
                 future.result(timeout=30)
         assert batcher.stats["cancelled"] == 1 and batcher.stats["failed_batches"] == 1
+        assert batcher.stats["dropped_images"] == {"client_gone": 2}
         records = batcher.submit(Job([image], ["f"], Scoring(("realism",)))).result(timeout=30)
         assert list(records[0]["dimensions"]) == ["realism"] and FailsOnce.calls == 2
     finally:
@@ -286,3 +295,92 @@ def test_batcher_skips_cancelled_jobs_and_survives_a_failing_forward(scorer):
             MicroBatcher(scorer, **kwargs)
     with pytest.raises(ValueError, match="max_queue_images .* must be at least max_request_images"):
         ServeSettings(max_queue_images=2, max_request_images=4)
+
+
+def _metric(url, name, reason):
+    text = httpx.get(f"{url}/metrics").text
+    return float(re.search(rf'^{name}{{reason="{reason}"}} (\S+)$', text, re.M).group(1))
+
+
+def test_a_long_prompt_is_refused_before_anything_is_scored(scorer):
+    app = create_app(scorer, ServeSettings(max_batch=4, max_wait_ms=5))
+    batcher = app.state.batcher
+    long = "a lighthouse on a cliff " * 100
+    tokens = len(scorer.tokenizer.encode(long, add_special_tokens=False))
+    with BackgroundServer(app) as running:
+        response = _score(running.url, uint8_images(3), ["a cat", "a dog", long], headers={})
+        assert response.status_code == 413
+        assert response.json() == {"error": f"prompts[2] is {tokens} tokens long, above the limit of 512 tokens"}
+        assert batcher.stats["images"] == 0 and batcher.stats["batches"] == 0 and batcher.queued_images == 0
+        assert _metric(running.url, "zreward_refused_requests_total", "prompt_too_long") == 1
+        assert _metric(running.url, "zreward_refused_requests_total", "queue_full") == 0
+        just_fits = _score(running.url, uint8_images(1), ["a" * 512], headers={})
+        assert just_fits.status_code == 200 and batcher.stats["images"] == 1
+    assert app.state.settings.max_prompt_tokens == 512  # the cap: the tiny model's context leaves far more
+
+
+def test_a_small_request_is_not_held_behind_a_big_one(scorer):
+    # One image per forward: the big request needs 12 forwards, the small one, sent once the big one is queued,
+    # gets its turn after at most one of them.
+    app = create_app(scorer, ServeSettings(max_batch=1, max_wait_ms=0, max_queue_images=16, max_request_images=12))
+    batcher = app.state.batcher
+    big_images, big_prompts = uint8_images(12, seed=3), [f"big {i}" for i in range(12)]
+    finished = {}
+
+    def send(name, images, prompts):
+        response = _score(running.url, images, prompts, headers={})
+        finished[name] = time.monotonic()
+        return response
+
+    with BackgroundServer(app) as running:
+        threads, big = _in_threads(1, lambda i: send("big", big_images, big_prompts))
+        _wait_for(lambda: batcher.queued_images > 0 or batcher.stats["batches"] > 0)
+        small = send("small", uint8_images(1, seed=4), ["small"])
+        threads[0].join()
+    assert small.status_code == 200 and big[0].status_code == 200
+    assert finished["small"] < finished["big"]
+    # The big request's records come back in its images' order, as scored in one piece.
+    results = big[0].json()["results"]
+    assert [(r["image"], r["prompt"]) for r in results] == list(enumerate(big_prompts))
+    local = LocalReward(scorer).score(big_images, big_prompts)
+    assert [r["reward"] for r in results] == pytest.approx([r["reward"] for r in local], abs=1e-6)
+    assert batcher.stats["largest_batch"] == 1 and batcher.stats["images"] == 13
+
+
+def test_the_unscored_images_of_a_client_gone_are_never_scored(scorer):
+    app = create_app(scorer, ServeSettings(max_batch=1, max_wait_ms=0, max_queue_images=16, max_request_images=12))
+    batcher = app.state.batcher
+    body = json.dumps({"images": [encode_image(i) for i in uint8_images(12)], "prompts": ["gone"] * 12}).encode()
+    head = (f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with BackgroundServer(app) as running:
+        with socket.create_connection((running.host, running.port)) as client:
+            client.sendall(head + body)
+            _wait_for(lambda: batcher.stats["batches"] >= 1)  # being scored: the client hangs up now
+        _wait_for(lambda: batcher.stats["cancelled"] == 1 or batcher.stats["images"] == 12)
+        assert batcher.stats["cancelled"] == 1, "every image was scored for a client that had gone"
+        dropped = _metric(running.url, "zreward_dropped_images_total", "client_gone")
+        assert dropped >= 1
+        # Every image was either scored (before the hang-up, or in the forward running then) or dropped.
+        _wait_for(lambda: batcher.stats["images"] + dropped == 12)
+        scored = batcher.stats["images"]
+        assert _score(running.url, uint8_images(1), ["next"], headers={}).status_code == 200
+        assert batcher.stats["images"] == scored + 1  # nothing of the abandoned request ran after it was dropped
+
+
+def test_the_serving_page_runs_and_names_every_option(tmp_path, monkeypatch, capsys):
+    import argparse
+    from pathlib import Path
+
+    from zreward.deploy.serve import add_parser
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    monkeypatch.chdir(tmp_path)  # the example writes its model folder to ./tiny_student
+    (example,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    exec(compile(example, "docs/serving.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("200 ") and "413 {'error': 'prompts[0] is 600 tokens long" in printed
+    parser = argparse.ArgumentParser().add_subparsers()
+    add_parser(parser)
+    options = {o for action in parser.choices["serve"]._actions for o in action.option_strings if o.startswith("--")}
+    assert options - {"--help"} and not {o for o in options - {"--help"} if f"`{o}" not in page}

@@ -99,3 +99,11 @@ def test_cache_must_cover_data(setup):
     data, cache, _ = setup
     with pytest.raises(ValueError, match="cache covers"):
         RISDTrainer(_scorer(2), SyntheticPreferences(3, 2, 32, seed=0), cache)
+
+
+def test_cache_files_get_the_mode_of_the_umask(tmp_path, umask):
+    cache = TeacherCache(torch.full((2, 1, 9), 1 / 9), ("realism",), ["a", "b"], {"realism": [[], []]},
+                         torch.linspace(1, 5, 9))
+    cache.save(tmp_path)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert set(modes) == {CACHE_TENSORS, CACHE_INDEX} and modes == dict.fromkeys(modes, oct(0o666 & ~umask))

@@ -25,6 +25,7 @@ from zreward.refl.aggregation import get_aggregator
 from zreward.scoring.image_processing import target_size
 from zreward.scoring.rubric import DIMENSIONS
 from zreward.scoring.scorer import RewardScorer
+from zreward.training.distributed import unwrap_model
 
 
 def open_scorer(model_dir, engine: str = "hf", device: str = "cpu", dtype: str = "float32",
@@ -42,6 +43,18 @@ def open_scorer(model_dir, engine: str = "hf", device: str = "cpu", dtype: str =
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     processor, vocab = load_folder_processor(model_dir)
     return VLLMEngine(Path(model_dir), processor.tokenizer, processor.image_processor, vocab, dtype=dtype)
+
+
+def context_length(scorer) -> int:
+    """The most tokens the language model of ``scorer`` (what :func:`open_scorer` returns) reads in one sequence:
+    ``max_position_embeddings`` of its text config."""
+    if isinstance(scorer, RewardScorer):
+        config = unwrap_model(scorer.model).config
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(scorer.model_path)
+    return int(config.get_text_config().max_position_embeddings)
 
 
 @dataclass(frozen=True)

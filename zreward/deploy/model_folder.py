@@ -25,7 +25,7 @@ import torch
 from zreward.scoring.rubric import ANSWER_PREFIX, DIMENSIONS, instruction
 from zreward.scoring.scorer import ATTN_IMPLEMENTATIONS, RewardScorer, ScoringProcessor
 from zreward.scoring.vocab import ScoreVocab
-from zreward.training.checkpoint import move_into_place
+from zreward.training.checkpoint import honour_umask, move_into_place
 from zreward.training.distributed import unwrap_model
 
 METADATA_FILE = "zreward_model.json"
@@ -62,6 +62,8 @@ def save_model_folder(scorer: RewardScorer, path, role: str = "student") -> Path
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    for weights in tmp.glob("*.safetensors"):  # safetensors leaves them 0600 whatever the umask
+        honour_umask(weights)
     ScoringProcessor(scorer.tokenizer, scorer.image_processor).save_pretrained(tmp)
     vocab = scorer.vocab
     metadata = {"format_version": FORMAT_VERSION, "role": role,

@@ -3,7 +3,9 @@
 Listens on ``127.0.0.1`` unless told otherwise; any other address needs a bearer token (``--token-file``, or the
 ``ZREWARD_SERVE_TOKEN`` environment variable), so the model is never open to a whole network by accident.
 Requests are micro-batched (``--max-batch`` images or ``--max-wait-ms``, one forward per batch) behind a
-queue bounded by ``--max-queue`` images. SIGTERM / Ctrl-C stop accepting connections and finish the requests
+queue bounded by ``--max-queue`` images; a request of many images shares the batches round-robin with the
+requests after it, and one whose client has gone is dropped. Prompts above ``--max-prompt-tokens`` are refused
+before they are queued. SIGTERM / Ctrl-C stop accepting connections and finish the requests
 already received (up to ``--shutdown-timeout`` seconds). The endpoints are in ``zreward.deploy.service``.
 """
 from __future__ import annotations
@@ -22,6 +24,10 @@ from zreward.scoring.rubric import DIMENSIONS
 
 TOKEN_ENV = "ZREWARD_SERVE_TOKEN"
 DEFAULT_PORT = 8321
+# The longest prompt accepted unless --max-prompt-tokens says otherwise: text-to-image models read at most 512
+# prompt tokens themselves (FLUX.1's T5 encoder 512, Stable Diffusion 3's 256, CLIP-based ones 77), so a longer
+# "prompt" is not one an image was generated from, while its forward would hold the model for seconds.
+PROMPT_TOKENS_CAP = 512
 
 
 def read_token(token_file=None) -> str | None:
@@ -109,7 +115,7 @@ def run(args) -> int:
         settings = ServeSettings(
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue_images=args.max_queue,
             max_request_images=args.max_request_images, max_request_bytes=int(args.max_request_mb * 2**20),
-            max_image_pixels=args.max_image_pixels,
+            max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
             scoring=Scoring(tuple(args.dimension or DIMENSIONS), args.aggregation, args.weights))
         scorer = scorer_from_args(args)
         app = create_app(scorer, settings, token)
@@ -118,7 +124,8 @@ def run(args) -> int:
         raise SystemExit(f"zreward serve: {error}") from None
     port = sock.getsockname()[1]
     print(f"zreward serve: {args.model} on http://{args.host}:{port} "
-          f"({'bearer token required' if token else 'no token'})", file=sys.stderr, flush=True)
+          f"({'bearer token required' if token else 'no token'}; prompts up to "
+          f"{app.state.settings.max_prompt_tokens} tokens)", file=sys.stderr, flush=True)
     _server(app, args.log_level, args.shutdown_timeout).run(sockets=[sock])
     return 0
 
@@ -136,6 +143,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-request-images", type=int, default=64)
     parser.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body, MiB")
     parser.add_argument("--max-image-pixels", type=int, default=2048 * 2048)
+    parser.add_argument("--max-prompt-tokens", type=int,
+                        help="longest prompt in tokens (default: what the model's context leaves, capped at "
+                             f"{PROMPT_TOKENS_CAP}, the most that text-to-image models read)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds to finish received requests on shutdown")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

@@ -9,7 +9,8 @@ A checkpoint is one directory::
                              tied-weight aliases and the caller's ``state`` (step counters, data order, config)
 
 It is written into a sibling temp directory and moved into place with ``os.replace``, so a crash never
-leaves a half-written checkpoint under the final name. Model and optimizer states go through
+leaves a half-written checkpoint under the final name. Every file gets the mode the process umask gives a new
+file (0644 under umask 022), safetensors files included (:func:`honour_umask`). Model and optimizer states go through
 ``torch.distributed.checkpoint.state_dict`` with full state dicts, so the same files load into a plain,
 DDP-wrapped or FSDP2-sharded model. Loading never unpickles: ``safetensors`` + ``json`` only.
 """
@@ -49,7 +50,7 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     _barrier()
 
     torch_rng, python_numpy_rng = _capture_rng()
-    save_file(torch_rng, tmp / f"rng-rank{rank}.safetensors")
+    save_safetensors(torch_rng, tmp / f"rng-rank{rank}.safetensors")
     rng_states = _gather_objects(python_numpy_rng, world_size)
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -59,14 +60,14 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
     if rank == 0:
         model_tensors, aliases = _dedupe_tied(model_state)
-        save_file(model_tensors, tmp / "model.safetensors")
+        save_safetensors(model_tensors, tmp / "model.safetensors")
         meta = {"world_size": world_size, "rng": rng_states, "aliases": aliases, "state": state or {}}
         for name, extra in (extra_models or {}).items():
             extra_tensors, meta.setdefault("extra_aliases", {})[name] = _dedupe_tied(extra.state_dict())
-            save_file(extra_tensors, tmp / f"{name}.safetensors")
+            save_safetensors(extra_tensors, tmp / f"{name}.safetensors")
         if optim_state is not None:
             optim_tensors, meta["optimizer"] = _split_optimizer_state(optim_state)
-            save_file(optim_tensors, tmp / "optimizer.safetensors")
+            save_safetensors(optim_tensors, tmp / "optimizer.safetensors")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         move_into_place(tmp, path)
     _barrier()
@@ -134,10 +135,40 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[s
     temp file and moved into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+    save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)
     if metadata is not None:
         write_json_atomic(metadata, path.with_name(path.name + ".json"))
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path) -> None:
+    """``safetensors.torch.save_file`` with the file's mode from the process umask (:func:`honour_umask`)."""
+    save_file(tensors, path)
+    honour_umask(path)
+
+
+def honour_umask(path) -> None:
+    """Give the file ``path`` the mode a newly created file gets in this process: 0644 under umask 022.
+
+    safetensors (and so transformers' ``save_pretrained``) writes a private temp file (0600) and renames it over
+    the target, so its files would stay unreadable to every other user (a service reading a model folder that a
+    training job wrote) while the JSON next to them is not.
+    """
+    os.chmod(path, 0o666 & ~_process_umask())
+
+
+def _process_umask() -> int:
+    """The umask, read without changing it where Linux shows it (``os.umask`` can only read it by setting it,
+    which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)  # the strictest value while it is briefly replaced
+    os.umask(umask)
+    return umask
 
 
 def write_json_atomic(obj: Any, path) -> None:
