@@ -14,7 +14,8 @@ With ``P`` the parameter bytes, ``T`` the trainable parameter bytes, ``W`` the n
   the one prefetched).
 * **gradients** - ``"none"``: ``T``; ``"ddp"``: ``2 T`` (the ``.grad`` tensors and DDP's flat all-reduce buckets);
   ``"fsdp2"``: ``T / W`` + the root's trainable bytes + one unit's trainable bytes (unsharded before their
-  reduce-scatter).
+  reduce-scatter; the root's only at the end of backward, so adding them to the activations' peak is an upper
+  bound).
 * **optimizer** - AdamW's ``exp_avg`` and ``exp_avg_sq`` per trainable parameter, in the parameter's dtype as
   ``torch.optim.AdamW`` allocates them (``optimizer_dtype`` overrides it, e.g. fp32 moments): ``2 x`` trainable
   elements ``x`` state bytes, ``/ W`` under FSDP2.
@@ -42,7 +43,12 @@ With ``P`` the parameter bytes, ``T`` the trainable parameter bytes, ``W`` the n
 
   With ``gradient_checkpointing`` every layer and block keeps only its input (``b H`` per token, ``b Hv`` per
   patch), and backward recomputes one at a time: the stored inputs + the largest layer's (or block's) activations.
-  Backward itself holds the gradients of about one layer's activations at a time: one more largest layer.
+  Backward also holds the activation gradients of the part it runs through: per token ``b (2 H + 3 I)`` in the
+  MLP, or ``3 f h c`` in the linear attention's chunk matrices, whichever is larger.
+
+  GDSO's rollouts carry their image each, so ``batch_size`` is the number of rollout rows (2 x pairs x G) and the
+  vision tower runs once per row. The linear-attention terms are those of transformers' own chunked PyTorch path;
+  fused kernels (flash-linear-attention) keep fewer fp32 intermediates, and the estimate is an upper bound there.
   Not counted: ``generate``'s cache while sampling (before the step, and freed with it: full-attention KV and
   recurrent states, far below the step's activations at the paper's lengths).
 * **engine** - a colocated vLLM engine takes ``engine_memory_fraction`` of the device (its
@@ -58,7 +64,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-STRATEGIES = ("fsdp2", "ddp", "none")
+from zreward.training.distributed import STRATEGIES, fsdp_units
+
 FP32 = 4
 LINEAR_ATTENTION_CHUNK = 64  # transformers' torch_chunk_gated_delta_rule
 GIB = 2 ** 30
@@ -146,7 +153,7 @@ def estimate_memory(model: torch.nn.Module, *, world_size: int, strategy: str, b
     terms = {}
 
     if strategy == "fsdp2" and world_size > 1:
-        units = _fsdp_units(model)
+        units = fsdp_units(model)
         in_units = {id(p) for unit in units for p in unit.parameters()}
         root = [p for p in params if id(p) not in in_units]
         root_bytes = sum(_nbytes(p) for p in root)
@@ -180,35 +187,32 @@ def estimate_memory(model: torch.nn.Module, *, world_size: int, strategy: str, b
 
 def _activations(model, batch_size: int, seq_len: int, image_tokens: int, logprob_chunk: int,
                  checkpointing: bool) -> tuple[int, str]:
-    text = model.config.get_text_config()
+    """Activation bytes of one step (module docstring) and how they add up."""
+    hidden = model.config.get_text_config().hidden_size
     b = model.get_input_embeddings().weight.element_size()
-    hidden = text.hidden_size
     tokens = batch_size * seq_len
-    decoder = _decoder_layers(model)
-    per_layer = [_decoder_layer_bytes(layer, hidden, b, seq_len) for layer in decoder]
+    decoder = list(model.model.language_model.layers)
+    per_layer = [tokens * _decoder_layer_bytes(layer, hidden, b, seq_len) for layer in decoder]
+    stored = [tokens * b * hidden] * len(decoder)  # what a checkpointed layer keeps: its input
+    vision = getattr(model.config, "vision_config", None)
+    merger = 0
+    if vision is not None and image_tokens:
+        patches = batch_size * image_tokens * vision.spatial_merge_size ** 2
+        per_layer += [patches * b * (9 * vision.hidden_size + 2 * vision.intermediate_size)] * vision.depth
+        stored += [patches * b * vision.hidden_size] * vision.depth
+        merger = patches * 4 * b * vision.hidden_size
+    if checkpointing:
+        body = sum(stored) + max(per_layer)
+        how = f"checkpointed: inputs {_g(sum(stored))} + one layer {_g(max(per_layer))}"
+    else:
+        body = sum(per_layer)
+        how = f"{len(per_layer)} layers and blocks {_g(body)}"
+    backward = tokens * max(_backward_bytes(layer, hidden, b) for layer in decoder)
     mask = batch_size * seq_len * seq_len * FP32 if any(hasattr(layer, "self_attn") for layer in decoder) else 0
     final_norm = tokens * (2 * FP32 * hidden + b * hidden)
     logits = 3 * logprob_chunk * model.get_output_embeddings().weight.shape[0] * FP32
-    backward = tokens * max(_backward_bytes(layer, hidden, b) for layer in decoder)
-
-    vision = getattr(model.config, "vision_config", None)
-    patches = batch_size * image_tokens * vision.spatial_merge_size ** 2 if vision is not None else 0
-    block = b * (9 * vision.hidden_size + 2 * vision.intermediate_size) if patches else 0
-    blocks = vision.depth if patches else 0
-    merger = patches * 4 * b * vision.hidden_size if patches else 0
-
-    layers = tokens * sum(per_layer) + patches * block * blocks
-    if checkpointing:
-        stored = tokens * b * hidden * len(decoder) + (patches * b * vision.hidden_size * blocks if patches else 0)
-        recomputed = max([tokens * per for per in per_layer] + [patches * block])
-        body = stored + recomputed
-        how = f"checkpointed: inputs {_g(stored)} + one layer {_g(recomputed)}"
-    else:
-        body = layers
-        how = f"{len(decoder)} layers" + (f" + {blocks} vision blocks" if patches else "") + f" {_g(layers)}"
-    total = body + backward + mask + final_norm + merger + logits
     how += f" + backward {_g(backward)} + mask {_g(mask)} + logits {_g(logits)}"
-    return total, f"{batch_size} x {seq_len} tokens: " + how
+    return body + backward + mask + final_norm + merger + logits, f"{batch_size} x {seq_len} tokens: {how}"
 
 
 def _backward_bytes(layer, hidden: int, b: int) -> int:
@@ -249,16 +253,6 @@ def _decoder_layer_bytes(layer, hidden: int, b: int, seq_len: int) -> int:
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
     return list(model.model.language_model.layers)
-
-
-def _fsdp_units(model) -> list[torch.nn.Module]:
-    """The modules ``wrap_model(strategy="fsdp2")`` shards as units: the children of the outermost ModuleLists."""
-    units, names = [], []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and not any(name.startswith(n + ".") for n in names):
-            names.extend(f"{name}.{i}" for i in range(len(module)))
-            units.extend(module)
-    return units
 
 
 def _unique_parameters(model) -> list[torch.nn.Parameter]:
