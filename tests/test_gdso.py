@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import zr_kernels
-from zreward.training.gdso import (GDSOConfig, GDSOTrainer, completion_layout, gdso_loss, gdso_rewards_and_advantages,
-                          grpo_surrogate, k3_kl, parsed_scores, policy_loss, token_logprobs)
+from zreward.training.gdso import (GDSOConfig, GDSOTrainer, completion_layout, dimension_batches, gdso_loss,
+                                   gdso_rewards_and_advantages, grpo_surrogate, k3_kl, parsed_scores, policy_loss,
+                                   token_logprobs)
 
 
 def _full_logprobs(hidden, weight, targets, temperature=1.0):
@@ -53,8 +54,11 @@ def test_surrogate_formula_and_aggregations():
     seq, _ = grpo_surrogate(logp, old, adv, mask, ref_logprobs=ref, beta=0.1, eps_low=0.2, eps_high=0.3)
     tok, stats = grpo_surrogate(logp, old, adv, mask, ref_logprobs=ref, beta=0.1, eps_low=0.2, eps_high=0.3,
                                 aggregation="token")
+    summed, _ = grpo_surrogate(logp, old, adv, mask, ref_logprobs=ref, beta=0.1, eps_low=0.2, eps_high=0.3,
+                               aggregation="sum")
     torch.testing.assert_close(seq, ((per_token * mask).sum(1) / mask.sum(1)).mean())
     torch.testing.assert_close(tok, (per_token * mask).sum() / mask.sum())
+    torch.testing.assert_close(summed, (per_token * mask).sum(1).mean())  # Eq. 4 as written
     # token (0, 2): ratio e^-0.5 < 0.8 with A > 0 is not clipped; (1, 1): ratio e^-0.5 with A < 0 is clipped
     assert stats.clip_fraction == pytest.approx(1 / 5)
     assert k3_kl(logp, logp).abs().max() == 0
@@ -67,7 +71,7 @@ def test_clipped_tokens_get_no_policy_gradient():
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] < 0
 
 
-@pytest.mark.parametrize("aggregation", ["sequence", "token"])
+@pytest.mark.parametrize("aggregation", ["sequence", "token", "sum"])
 def test_chunked_policy_loss_matches_liger(aggregation):
     pytest.importorskip("liger_kernel.chunked_loss")
     torch.manual_seed(1)
@@ -108,6 +112,11 @@ def test_rewards_and_advantages_follow_eq_7_10_13_3():
     torch.testing.assert_close(rewards, torch.stack([r_w, r_l], 1))
     want_adv = (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(advantages, want_adv, rtol=1e-4, atol=1e-5)
+    # Eq. 3's epsilon is config.advantage_eps
+    _, damped = gdso_rewards_and_advantages(mu_w, mu_l, s_w, s_l, 1.0, 5.0, GDSOConfig(lambda_pt=0.3, lambda_pw=0.7,
+                                                                                       advantage_eps=0.5))
+    want_damped = (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 0.5)
+    torch.testing.assert_close(damped, want_damped, rtol=1e-4, atol=1e-5)
 
 
 def test_gdso_loss_combines_eq_8_11_14():
@@ -151,6 +160,61 @@ def test_completion_layout_compacts_reasoning_tokens():
     assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
+def test_completion_layout_trains_the_token_that_ended_the_reasoning():
+    """Rows: prompt (2 tokens) + reasoning + a 2-token answer prefix [40, 41] + padding 0. Row 0 stopped on stop
+    token 99 (not in input_ids: the prefix took its place), row 1 ran to the token limit, row 2 stopped at once
+    (no reasoning), row 3 wrote the answer prefix itself (its first token is the end token)."""
+    ids = torch.tensor([[5, 6, 7, 8, 40, 41, 0], [5, 6, 1, 2, 3, 40, 41], [5, 6, 40, 41, 0, 0, 0],
+                        [5, 6, 9, 40, 41, 0, 0]])
+    completion = torch.tensor([[0, 0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0], [0] * 7, [0, 0, 1, 0, 0, 0, 0]])
+    rollouts = types.SimpleNamespace(input_ids=ids, completion_mask=completion,
+                                     score_positions=torch.tensor([5, 6, 3, 4]),
+                                     end_tokens=torch.tensor([99, -1, 99, 40]))
+    positions, targets, mask = completion_layout(rollouts, answer_length=2)
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert positions[mask.bool()].tolist() == [2, 3, 4, 2, 3, 4, 2, 2, 3]  # each predicted from position - 1
+    assert targets[mask.bool()].tolist() == [7, 8, 99, 1, 2, 3, 99, 9, 40]
+    # without the answer length: the reasoning tokens alone, as before
+    _, targets, mask = completion_layout(rollouts)
+    assert targets[mask.bool()].tolist() == [7, 8, 1, 2, 3, 9]
+
+
+def _pairs(counts: dict[str, int]):
+    return [types.SimpleNamespace(dimension=d, winner=2 * i, loser=2 * i + 1)
+            for d, n in counts.items() for i in range(n)]
+
+
+@pytest.mark.parametrize("counts, per_batch, world_size", [
+    ({"alignment": 61, "realism": 62, "aesthetics": 63, "plausibility": 63}, 4, 1),  # 249 pairs, as the demo
+    ({"alignment": 61, "realism": 62, "aesthetics": 63, "plausibility": 63}, 4, 3),
+    ({"alignment": 9, "realism": 2}, 4, 4),
+    ({"alignment": 5}, 8, 2),
+])
+def test_dimension_batches_hold_every_pair_once(counts, per_batch, world_size):
+    pairs = _pairs(counts)
+    batches = dimension_batches(pairs, per_batch, seed=3, world_size=world_size)
+    seen = sorted(id(pair) for batch in batches for pair in batch)
+    assert seen == sorted(id(pair) for pair in pairs), "every pair exactly once per epoch"
+    assert len(batches) % world_size == 0  # whole rounds of one batch per rank: the epoch drops none
+    for batch in batches:
+        assert 1 <= len(batch) <= per_batch and len({pair.dimension for pair in batch}) == 1
+    for dimension, n in counts.items():  # the fewest batches unless more ranks need more
+        sizes = [len(b) for b in batches if b[0].dimension == dimension]
+        assert max(sizes) - min(sizes) <= 1
+        if world_size == 1:
+            assert len(sizes) == -(-n // per_batch)
+
+
+def test_dimension_batches_repeat_batches_only_when_they_cannot_be_split():
+    pairs = _pairs({"alignment": 9})
+    batches = dimension_batches(pairs, 1, seed=0, world_size=4)  # 9 one-pair batches for 4 ranks: 3 repeated
+    assert len(batches) == 12
+    assert {id(b[0]) for b in batches} == {id(p) for p in pairs}
+    assert batches[9:] == batches[:3]
+    with pytest.raises(ValueError, match="world_size"):
+        dimension_batches(pairs, 1, seed=0, world_size=0)
+
+
 @pytest.fixture(scope="module")
 def tiny_teacher():
     from zreward.experiments.synthetic import SyntheticPreferences
@@ -170,6 +234,29 @@ def _config(**kw):
                 updates_per_batch=2)
     base.update(kw)
     return GDSOConfig(**base)
+
+
+def test_recomputed_logprobs_are_the_samplers_at_its_temperature(tiny_teacher):
+    """pi_old's and pi_ref's log-probs of the sampled tokens (and the end tokens) are those of the sampling
+    distribution, softmax(logits / T), here recomputed independently from the full logits."""
+    build, data = tiny_teacher
+    torch.manual_seed(0)
+    pairs = [p for p in data.pairs() if p.dimension == "alignment"][:1]
+    trainer = GDSOTrainer(build(), data, pairs, _config(sample_temperature=0.5, max_new_tokens=4))
+    trainer.refresh_reference()
+    order = [pairs[0].winner, pairs[0].loser]
+    rollouts = trainer.scorer.teacher_rollouts(data.images(order), data.prompts(order), "alignment", 2, 4, 0.5)
+    batch = trainer.prepare_batch(rollouts, torch.tensor([pairs[0].score_w]), torch.tensor([pairs[0].score_l]))
+    with torch.no_grad():
+        logits = trainer.model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
+                               mm_token_type_ids=rollouts.mm_token_type_ids, pixel_values=rollouts.pixel_values,
+                               image_grid_thw=rollouts.image_grid_thw).logits
+    rows = torch.arange(logits.shape[0]).unsqueeze(-1)
+    sampler = torch.log_softmax(logits[rows, batch.positions - 1] / 0.5, -1)
+    want = sampler.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+    mask = batch.mask.bool()
+    torch.testing.assert_close(batch.old_logprobs[mask], want[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch.ref_logprobs[mask], want[mask], rtol=1e-5, atol=1e-5)  # pi_ref = pi_old here
 
 
 def test_trainer_steps_refresh_reference_and_resume_exactly(tiny_teacher, tmp_path):
@@ -234,7 +321,13 @@ def test_trainer_rejects_bad_config(tiny_teacher):
     with pytest.raises(ValueError, match="policy_weight"):
         GDSOTrainer(build(), data, data.pairs(), _config(policy_weight=-1.0))
     with pytest.raises(ValueError, match="pairs_per_batch"):
-        GDSOTrainer(build(), data, data.pairs()[:1], _config(pairs_per_batch=4))
+        GDSOTrainer(build(), data, data.pairs(), _config(pairs_per_batch=0))
+    with pytest.raises(ValueError, match="pairs"):
+        GDSOTrainer(build(), data, [], _config())
+    with pytest.raises(ValueError, match="advantage_eps"):
+        GDSOTrainer(build(), data, data.pairs(), _config(advantage_eps=-1e-3))
+    with pytest.raises(ValueError, match="sample_temperature"):
+        GDSOTrainer(build(), data, data.pairs(), _config(sample_temperature=0.0))
 
 
 def test_kernels_are_the_ones_called(tiny_teacher):

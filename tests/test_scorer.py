@@ -167,13 +167,20 @@ def test_teacher_rollouts_of_a_set_length():
     rollouts = scorer.teacher_rollouts(_images(), PROMPTS, "realism", num_samples=2, max_new_tokens=5,
                                        min_new_tokens=5)
     assert rollouts.completion_mask.sum(1).tolist() == [5] * 4
+    assert rollouts.end_tokens.tolist() == [-1] * 4  # ran to max_new_tokens: no end token was sampled
+    stopped = scorer.teacher_rollouts(_images(), PROMPTS, "realism", num_samples=2, max_new_tokens=5,
+                                      min_new_tokens=2)
+    assert stopped.end_tokens.tolist() == [scorer.stop_ids[0]] * 4  # every row stopped before the limit
+    assert all(2 <= n < 5 for n in stopped.completion_mask.sum(1).tolist())
 
 
 def test_cut_completion_at_written_answer_prefix(scorer):
+    """The reasoning and the token that ended it: the written prefix's first token, the stop token, or none."""
     prefix, stop = scorer.prefix_ids, scorer.stop_ids[0]
-    assert scorer._cut_completion([5, 6, *prefix, 30, stop, 7]) == [5, 6]
-    assert scorer._cut_completion([5, 6, stop, *prefix]) == [5, 6]
-    assert scorer._cut_completion([5, 6]) == [5, 6]
+    assert scorer._cut_completion([5, 6, *prefix, 30, stop, 7]) == ([5, 6], prefix[0])
+    assert scorer._cut_completion([5, 6, stop, *prefix]) == ([5, 6], stop)
+    assert scorer._cut_completion([stop]) == ([], stop)
+    assert scorer._cut_completion([5, 6]) == ([5, 6], -1)
 
 
 @pytest.mark.parametrize("call, error, match", [

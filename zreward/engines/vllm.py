@@ -221,8 +221,8 @@ class VLLMEngine(InferenceEngine):
             logit_bias={t: SUPPRESS_BIAS for t in scorer.vision_token_ids})
         outputs = self.llm.generate([self._request(ids, image) for ids, image in zip(prompt_ids, pil)], sampling,
                                     use_tqdm=False)
-        completions = [scorer._cut_completion(list(sample.token_ids))
-                       for output in outputs for sample in sorted(output.outputs, key=lambda s: s.index)]
+        completions, end_tokens = scorer._cut_completions(
+            [list(sample.token_ids) for output in outputs for sample in sorted(output.outputs, key=lambda s: s.index)])
         scores = self._score([self._request(prompt_ids[i // num_samples] + c + scorer.prefix_ids,
                                             pil[i // num_samples]) for i, c in enumerate(completions)])
 
@@ -242,6 +242,7 @@ class VLLMEngine(InferenceEngine):
             image_grid_thw=grid.repeat_interleave(num_samples, 0), score_positions=batch["attention_mask"].sum(1) - 1,
             scores=_reshape(_to(scores, batch["input_ids"].device), (len(prompts), num_samples)),
             completions=self.tokenizer.batch_decode(completions), num_samples=num_samples,
+            end_tokens=torch.tensor(end_tokens, dtype=torch.int64, device=batch["input_ids"].device),
         )
 
     # -- weights ---------------------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class Rollouts:
     ``input_ids [N, L]`` = prompt + sampled reasoning + answer prefix; ``completion_mask [N, L]`` marks the sampled
     reasoning tokens (the policy's actions); ``score_positions [N]`` is the last answer-prefix position, whose
     next-token distribution over the score tokens is ``scores`` (``[B, num_samples]`` leading shape, no grad).
+    ``end_tokens [N]`` is the sampled token that ended each reasoning (a stop token, or the first answer-prefix
+    token when the model wrote the prefix itself; -1 when the reasoning ran to ``max_new_tokens``): an action too,
+    taken right after the reasoning, where the appended answer prefix starts in ``input_ids``.
     ``pixel_values`` / ``image_grid_thw`` / ``mm_token_type_ids`` are the per-row vision inputs.
     """
 
@@ -69,6 +72,7 @@ class Rollouts:
     scores: ScoreDist
     completions: list[str]
     num_samples: int
+    end_tokens: torch.Tensor
 
 
 class RewardScorer:
@@ -165,7 +169,7 @@ class RewardScorer:
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids,
             suppress_tokens=self.vision_token_ids,
         )[:, prompts_batch["input_ids"].shape[1]:]
-        completions = [self._cut_completion(row) for row in generated.tolist()]
+        completions, end_tokens = self._cut_completions(generated.tolist())
 
         rows = [p + c + self.prefix_ids for p, c in zip(prompt_rows, completions)]
         batch = self._right_pad(rows)
@@ -180,6 +184,7 @@ class RewardScorer:
             mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=row_pixels, image_grid_thw=row_grid,
             score_positions=score_positions, scores=_reshape(scores, (len(prompts), num_samples)),
             completions=self.tokenizer.batch_decode(completions), num_samples=num_samples,
+            end_tokens=torch.tensor(end_tokens, dtype=torch.int64, device=batch["input_ids"].device),
         )
 
     def rollout_forward(self, rollouts: Rollouts, model=None) -> tuple[torch.Tensor, ScoreDist]:
@@ -268,12 +273,22 @@ class RewardScorer:
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
                 "mm_token_type_ids": mm_token_type_ids.to(device)}
 
-    def _cut_completion(self, tokens: list[int]) -> list[int]:
-        """Tokens before the first stop token, or before the answer prefix when the model wrote it itself."""
+    def _cut_completions(self, samples: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+        """Each sample's reasoning (:meth:`_cut_completion`) and the token that ended it (-1: none)."""
+        cut = [self._cut_completion(tokens) for tokens in samples]
+        return [c for c, _ in cut], [end for _, end in cut]
+
+    def _cut_completion(self, tokens: list[int]) -> tuple[list[int], int]:
+        """Tokens before the first stop token, or before the answer prefix when the model wrote it itself, and the
+        token that ended them: that stop token, the prefix's first token, or -1 when neither occurs (the sample
+        ran to the token limit)."""
         end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), len(tokens))
+        stop = tokens[end] if end < len(tokens) else -1
         tokens, k = tokens[:end], len(self.prefix_ids)
-        start = next((i for i in range(len(tokens) - k + 1) if tokens[i:i + k] == self.prefix_ids), len(tokens))
-        return tokens[:start]
+        start = next((i for i in range(len(tokens) - k + 1) if tokens[i:i + k] == self.prefix_ids), None)
+        if start is None:
+            return tokens, stop
+        return tokens[:start], self.prefix_ids[0]
 
 
 def _base(model):

@@ -103,16 +103,21 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, strategy: str = "ddp") 
     if mesh_device.type == "cuda":
         torch.cuda.set_device(mesh_device)  # FSDP2 keeps its shards on the current CUDA device
     mesh = init_device_mesh(mesh_device.type, (ctx.world_size,))
-    # shard the outermost repeated blocks (decoder layers, vision blocks), each one unit, then the root
+    for block in fsdp_units(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules ``wrap_model(strategy="fsdp2")`` shards one by one before the root: the outermost repeated
+    blocks (the children of the outermost ModuleLists: decoder layers, vision blocks)."""
     blocks: list[tuple[str, torch.nn.Module]] = []
     for name, module in model.named_modules():
         inside_block = any(name.startswith(block + ".") for block, _ in blocks)
         if isinstance(module, torch.nn.ModuleList) and not inside_block:
             blocks.extend((f"{name}.{i}", block) for i, block in enumerate(module))
-    for _, block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return [block for _, block in blocks]
 
 
 # The devices each single c10d backend serves for FSDP2's collectives (a mixed one reads "cpu:gloo,cuda:nccl").
