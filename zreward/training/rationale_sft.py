@@ -113,7 +113,7 @@ class RationaleSFTTrainer(TrainerBase):
             raise TypeError(f"rationale must be a callable (index, dimension) -> text, got {type(rationale).__name__}")
         super().__init__(scorer.model, config, ctx)
         self.scorer, self.data, self.rationale = scorer, data, rationale
-        self.batches = dimension_batches(pairs, config.pairs_per_batch, config.seed)
+        self.batches = dimension_batches(pairs, config.pairs_per_batch, config.seed, self.ctx.world_size)
 
     def default_steps(self) -> int:
         return self.config.steps
