@@ -255,10 +255,14 @@ class GDSOTrainer(TrainerBase):
     process, whose weights are synced from the policy after every optimizer step (and after ``load``). Either
     way the log-probs and score distributions of the loss are recomputed by the policy. An engine started from a
     name lives as long as the trainer (``trainer.engine.close()`` frees it).
+
+    ``reference``: a model built and placed as the policy is (same parameter names), to hold pi_ref when ``beta``
+    > 0; its weights are copied from the policy at every refresh. Default: a deep copy of the policy, which an
+    FSDP2-sharded policy cannot make (give it a second sharded model).
     """
 
     def __init__(self, scorer, data, pairs, config: GDSOConfig | None = None, ctx: DistContext | None = None,
-                 engine="hf"):
+                 engine="hf", reference: torch.nn.Module | None = None):
         config = config or GDSOConfig()
         if config.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {config.aggregation!r}")
@@ -272,6 +276,10 @@ class GDSOTrainer(TrainerBase):
         self.score_min, self.score_max = vocab.score_min, vocab.score_max
         self.batches = dimension_batches(pairs, config.pairs_per_batch, config.seed)
         self.reference: torch.nn.Module | None = None
+        if reference is not None and [n for n, _ in reference.named_parameters()] != \
+                [n for n, _ in self.model.named_parameters()]:
+            raise ValueError("reference must have the policy's parameters (same names, same order)")
+        self.reference_model = reference
         self.engine = make_engine(engine, scorer)
 
     def default_steps(self) -> int:
@@ -351,9 +359,18 @@ class GDSOTrainer(TrainerBase):
     def refresh_reference(self) -> None:
         """Algorithm 1 line 3: pi_ref <- pi_theta (a frozen copy; skipped when ``beta`` is 0)."""
         if self.config.beta > 0:
-            self.reference = copy.deepcopy(unwrap_model(self.model)).eval().requires_grad_(False)
+            self.reference = self._policy_copy()
         else:
             self.reference = torch.nn.Identity()  # marks the iteration as started; never evaluated
+
+    def _policy_copy(self) -> torch.nn.Module:
+        """A frozen copy of the policy's current weights (in ``reference_model`` when one was given)."""
+        if self.reference_model is None:
+            return copy.deepcopy(unwrap_model(self.model)).eval().requires_grad_(False)
+        with torch.no_grad():
+            for target, source in zip(self.reference_model.parameters(), self.model.parameters()):
+                target.copy_(source)
+        return self.reference_model.eval().requires_grad_(False)
 
     def save(self, path):
         extras = {"reference": self.reference} if self.config.beta > 0 and self.reference is not None else None
@@ -361,7 +378,7 @@ class GDSOTrainer(TrainerBase):
 
     def load(self, path) -> None:
         if self.config.beta > 0:
-            self.reference = copy.deepcopy(unwrap_model(self.model)).eval().requires_grad_(False)
+            self.reference = self._policy_copy()
         super().load(path, {"reference": self.reference} if self.config.beta > 0 else None)
         if self.config.beta == 0:
             self.reference = torch.nn.Identity()
