@@ -67,3 +67,36 @@ class ScoreVocab:
         """``bin_index`` of each score as an int64 tensor of the same shape (targets for ``score_distribution``)."""
         scores = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
         return torch.tensor([self.bin_index(s) for s in scores.reshape(-1).tolist()], dtype=torch.int64).view(scores.shape)
+
+
+def check_prompt_tokens(tokenizer, vocab: ScoreVocab, image_token_id: int) -> None:
+    """``ValueError`` unless ``tokenizer`` renders every rubric prompt and the score tokens follow them as trained.
+
+    Checks, for each dimension: the chat template renders the student and teacher prompts with exactly one image
+    placeholder (the model config's ``image_token_id``); the student prompt's tokens end with the answer prefix's tokens; and each score text written
+    after it is one more token, the vocabulary's (a tokenizer that merges the prefix's last space with a digit
+    would make the score token one the model never reads at the score position). The message names the text.
+    """
+    from zreward.scoring.rubric import ANSWER_PREFIX, DIMENSIONS, chat_prompt
+
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the tokenizer has no chat template: the rubric prompts are chat messages")
+    prefix = tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
+    for dimension in DIMENSIONS:
+        for reasoning in (False, True):
+            text = chat_prompt(tokenizer, "a red cube", dimension, reasoning=reasoning)
+            image_pads = tokenizer.encode(text, add_special_tokens=False).count(image_token_id)
+            if image_pads != 1:
+                raise ValueError(f"the chat template renders {image_pads} image placeholders (token {image_token_id}) in the "
+                                 f"{'teacher' if reasoning else 'student'} prompt for {dimension!r}, expected 1")
+        student = tokenizer.encode(chat_prompt(tokenizer, "a red cube", dimension), add_special_tokens=False)
+        if student[-len(prefix):] != prefix:
+            raise ValueError(f"the student prompt for {dimension!r} does not end with the tokens of the answer prefix "
+                             f"{ANSWER_PREFIX!r} ({prefix}), got {student[-len(prefix):]}")
+        for text, token_id in zip(vocab.texts, vocab.token_ids):
+            scored = tokenizer.encode(chat_prompt(tokenizer, "a red cube", dimension) + text,
+                                      add_special_tokens=False)
+            if scored != student + [token_id]:
+                raise ValueError(f"score text {text!r} after the answer prefix {ANSWER_PREFIX!r} tokenizes as "
+                                 f"{scored[len(student) - len(prefix):]}, not the prefix {prefix} followed by the "
+                                 f"score token {token_id}")
