@@ -174,25 +174,25 @@ class GDSOConfig:
     iterations: int = 1            # N: the reference policy is refreshed at the start of each
     steps_per_iteration: int = 10  # M batches per iteration
     updates_per_batch: int = 1     # K_gdso optimizer updates on each batch of rollouts (pi_old fixed)
-    max_new_tokens: int = 16
-    sample_temperature: float = 1.0
-    lambda_pt: float = 0.5
-    lambda_pw: float = 0.5
-    alpha_pt: float = 1.0
-    alpha_pw: float = 1.0
-    beta: float = 0.04
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    aggregation: str = "sequence"
-    advantage_scale: str = "group"
+    max_new_tokens: int = 16       # reasoning tokens sampled per output at most
+    sample_temperature: float = 1.0  # temperature of the rollout sampling
+    lambda_pt: float = 0.5         # weight of the pointwise reward (Eq. 7) in Eq. 13
+    lambda_pw: float = 0.5         # weight of the pairwise reward (Eq. 10) in Eq. 13
+    alpha_pt: float = 1.0          # weight of the pointwise cross-entropy (Eq. 8) in Eq. 14
+    alpha_pw: float = 1.0          # weight of the pairwise gap loss (Eq. 11) in Eq. 14
+    beta: float = 0.04             # weight of the k3 KL to the reference policy (Eq. 4); 0: no reference
+    eps_low: float = 0.2           # lower clip range of the probability ratio
+    eps_high: float = 0.2          # upper clip range of the probability ratio
+    aggregation: str = "sequence"  # the surrogate's mean: "sequence" (per sequence, GRPO) or "token" (DAPO)
+    advantage_scale: str = "group"  # Eq. 3's divisor: "group" std, "batch" std or "none" (Dr. GRPO)
     policy_weight: float = 1.0     # weight of L_GRPO in Eq. 14 (0: the direct losses alone, no rollout rewards)
     reward_source: str = "expectation"  # Eq. 7/10 on the expected score (Eq. 6), or "parsed": on parsed_scores
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logprob_chunk: int = 256
-    policy_backend: str = "auto"
-    seed: int = 0
+    lr: float = 1e-5               # AdamW learning rate
+    weight_decay: float = 0.0      # AdamW weight decay
+    max_grad_norm: float = 1.0     # gradients clipped to this global norm
+    logprob_chunk: int = 256       # completion positions whose full-vocabulary logits are formed at once
+    policy_backend: str = "auto"   # the surrogate's kernel: "liger" (fused, CUDA), "chunked" or "auto"
+    seed: int = 0                  # data order and batches (and the run's LoRA init and evaluation sampling)
 
 
 def gdso_rewards_and_advantages(mu_w: torch.Tensor, mu_l: torch.Tensor, s_w: torch.Tensor, s_l: torch.Tensor,
