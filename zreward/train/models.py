@@ -75,7 +75,9 @@ def build_model(config: RunConfig, device: torch.device | str = "cpu", *, meta: 
         model = AutoModelForImageTextToText.from_pretrained(config.base_model, dtype=dtype,
                                                             attn_implementation=config.attn_implementation)
     if config.gradient_checkpointing and trainable:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.25 renamed gradient_checkpointing_enable; older versions have only that name
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     model.requires_grad_(config.lora_rank == 0 and trainable)
     if config.lora_rank > 0:
         from peft import get_peft_model
