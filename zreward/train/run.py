@@ -62,6 +62,7 @@ def train_teacher(config: TeacherConfig, resume: bool = False, log=print) -> Pat
     with setup_errors():
         check_config(config)
         ctx = init_distributed(resolve_device(config))
+        seed_random_streams(config.seed, ctx)
         out = prepare_output(config, resume, ctx)
         processor, vocab = checked_vocab(config.base_model, config.score_texts, config.score_values)
         data = load_run_data(config.data, config.image_size, (vocab.score_min, vocab.score_max))
@@ -104,6 +105,7 @@ def train_student(config: StudentConfig, resume: bool = False, log=print) -> Pat
     with setup_errors():
         check_config(config)
         ctx = init_distributed(resolve_device(config))
+        seed_random_streams(config.seed, ctx)
         out = prepare_output(config, resume, ctx)
         processor, vocab = checked_vocab(config.base_model, config.score_texts, config.score_values)
         data = load_run_data(config.data, config.image_size, (vocab.score_min, vocab.score_max))
@@ -123,6 +125,19 @@ def train_student(config: StudentConfig, resume: bool = False, log=print) -> Pat
 
     run_training(trainer, config, out, resume, ctx, data.val, student_scores, log)
     return finish(config, out, "student", ctx, log)
+
+
+def seed_random_streams(seed: int, ctx: DistContext) -> None:
+    """Seed torch, numpy and ``random`` from the config's ``seed``, differently on each rank (their sampling should
+    differ): a new run is reproducible; a resumed one restores the streams of its checkpoint."""
+    import random
+
+    import numpy as np
+
+    rank_seed = seed * 1_000_003 + ctx.rank
+    torch.manual_seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    random.seed(rank_seed)
 
 
 def prepare_output(config, resume: bool, ctx: DistContext) -> Path:
@@ -163,7 +178,7 @@ def run_training(trainer, config, out: Path, resume: bool, ctx: DistContext, val
 
     trainer.train(trainer.default_steps(), log=replot, log_file=log_path, checkpoint_dir=checkpoints,
                   save_every=config.save_every, progress=ctx.is_main)
-    if ctx.is_main:
+    if ctx.is_main and trainer.validator is None:  # else the last step's evaluation has just plotted
         plot_curves(log_path, png)
 
 
