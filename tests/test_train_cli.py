@@ -275,7 +275,8 @@ def test_dry_run_estimates_the_configured_shape(workspace, tmp_path, monkeypatch
     prompt_tokens = kwargs["seq_len"] - 100 - 3  # reasoning, then the answer prefix "Score: " (3 tokens)
     assert 100 < prompt_tokens < 1000  # the rubric text and one image token (a 32x32 image is 2x2 patches)
     assert kwargs == {"world_size": 8, "strategy": "fsdp2", "batch_size": 2 * 2 * 2, "seq_len": kwargs["seq_len"],
-                      "gradient_checkpointing": False, "engine_memory_fraction": 0.0, "device_memory": 80 * 2**30}
+                      "gradient_checkpointing": False, "engine_memory_fraction": 0.0, "device_memory": 80 * 2**30,
+                      "image_tokens": 1, "logprob_chunk": 256}
     assert "memory table" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
 

@@ -12,8 +12,8 @@ from zreward.train.data import load_run_data
 from zreward.train.models import build_model, checked_vocab
 
 
-def per_rank_shape(config, processor, data) -> tuple[int, int]:
-    """``(sequences, tokens)`` of one rank's training forward pass.
+def per_rank_shape(config, processor, data) -> tuple[int, int, int]:
+    """``(sequences, tokens, image_tokens)`` of one rank's training forward pass.
 
     Teacher: ``pairs_per_batch x 2 x group_size`` sequences of the longest reasoning prompt (image tokens + text)
     plus ``max_new_tokens`` sampled tokens and the answer prefix. Student: ``batch_size x len(dimensions)``
@@ -30,8 +30,8 @@ def per_rank_shape(config, processor, data) -> tuple[int, int]:
     tokens = text_tokens - 1 + image_tokens  # the one placeholder becomes the image's tokens
     if teacher:
         prefix = len(processor.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False))
-        return config.pairs_per_batch * 2 * config.group_size, tokens + config.max_new_tokens + prefix
-    return config.batch_size * len(config.dimensions), tokens
+        return config.pairs_per_batch * 2 * config.group_size, tokens + config.max_new_tokens + prefix, image_tokens
+    return config.batch_size * len(config.dimensions), tokens, image_tokens
 
 
 def dry_run(config, world_size: int, device_memory: int | None = None, log=print):
@@ -46,13 +46,16 @@ def dry_run(config, world_size: int, device_memory: int | None = None, log=print
         processor, vocab = checked_vocab(config.base_model, config.score_texts, config.score_values)
         data = load_run_data(config.data, config.image_size, (vocab.score_min, vocab.score_max))
     model = build_model(config, meta=True)
-    sequences, tokens = per_rank_shape(config, processor, data)
+    sequences, tokens, image_tokens = per_rank_shape(config, processor, data)
     engine_share = config.engine_memory_fraction if config.engine == "vllm" else 0.0
+    teacher = isinstance(config, TeacherConfig)
     estimate = estimate_memory(model, world_size=world_size, strategy=config.strategy, batch_size=sequences,
                                seq_len=tokens, gradient_checkpointing=config.gradient_checkpointing,
-                               engine_memory_fraction=engine_share, device_memory=device_memory)
+                               engine_memory_fraction=engine_share, device_memory=device_memory,
+                               image_tokens=image_tokens, logprob_chunk=config.logprob_chunk if teacher else 0)
     log(f"{config.base_model}: {len(data.items)} train images, {len(data.val)} val records; per rank "
-        f"{sequences} sequences x {tokens} tokens, {config.strategy} over {world_size} rank(s)")
+        f"{sequences} sequences x {tokens} tokens ({image_tokens} of them image tokens), {config.strategy} over "
+        f"{world_size} rank(s)")
     log(estimate.table())
     return estimate
 
