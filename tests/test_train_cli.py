@@ -238,7 +238,7 @@ def test_every_key_is_documented_and_the_printed_template_loads(cls, tmp_path, c
     (TeacherConfig, "lora_rank", 1.5, "lora_rank: expected int"),
     (TeacherConfig, "dtype", "float16", "dtype must be one of"),
     (StudentConfig, "dimensions", ["sharpness"], "dimensions must be distinct names"),
-    (StudentConfig, "strategy", "fsdp2", "strategy must be 'ddp' for the student"),
+    (StudentConfig, "strategy", "zero3", "strategy must be one of"),
 ])
 def test_config_values_are_checked_with_the_file_named(cls, key, value, match, tmp_path):
     path = write(tmp_path / "run.json", {"base_model": "m", "data": "d.jsonl", "teacher_model": "t", key: value}
@@ -290,14 +290,16 @@ def _torchrun(role: str, config: Path, tmp_path: Path) -> subprocess.CompletedPr
 
 @pytest.mark.slow
 def test_teacher_and_student_on_two_ranks_under_torchrun(workspace, tmp_path):
-    """Teacher on FSDP2 (LoRA, a sharded reference policy), student with whole replicas: both train on two gloo
-    ranks, evaluate on the val split and write model folders. (~1 min: two torchrun launches.)"""
+    """Teacher and student on FSDP2 (LoRA; the teacher with a sharded reference policy, the student's cache built
+    in two parts): both train on two gloo ranks, evaluate on the val split and write model folders. (~1 min: two
+    torchrun launches.)"""
     teacher = write(tmp_path / "teacher.json", teacher_settings(workspace, tmp_path / "teacher",
                                                                 steps_per_iteration=1))
     result = _torchrun("teacher", teacher, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     student = write(tmp_path / "student.json", student_settings(workspace, tmp_path / "student",
-                                                                tmp_path / "teacher" / "model", steps=1))
+                                                                tmp_path / "teacher" / "model", steps=1,
+                                                                strategy="fsdp2"))
     result = _torchrun("student", student, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for role in ("teacher", "student"):

@@ -193,8 +193,6 @@ def _value_problems(config) -> list[str]:
             need(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
     else:
         need(bool(config.teacher_model), "teacher_model is required (the teacher's model folder)")
-        need(config.strategy == "ddp", "strategy must be 'ddp' for the student: its scorer runs the decoder "
-                                       "layers' parts directly, which FSDP2 does not gather")
         unknown = [d for d in config.dimensions if d not in DIMENSIONS]
         need(bool(config.dimensions) and not unknown and len(set(config.dimensions)) == len(config.dimensions),
              f"dimensions must be distinct names from {DIMENSIONS}, got {config.dimensions}")

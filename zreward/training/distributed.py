@@ -116,13 +116,7 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, strategy: str = "ddp",
     if mesh_device.type == "cuda":
         torch.cuda.set_device(mesh_device)  # FSDP2 keeps its shards on the current CUDA device
     mesh = init_device_mesh(mesh_device.type, (ctx.world_size,))
-    # shard the outermost repeated blocks (decoder layers, vision blocks), each one unit, then the root
-    blocks: list[tuple[str, torch.nn.Module]] = []
-    for name, module in root.named_modules():
-        inside_block = any(name.startswith(block + ".") for block, _ in blocks)
-        if isinstance(module, torch.nn.ModuleList) and not inside_block:
-            blocks.extend((f"{name}.{i}", block) for i, block in enumerate(module))
-    for _, block in blocks:
+    for block in fsdp_units(root):
         fully_shard(block, mesh=mesh)
     inside = {id(module) for module in root.modules()}
     outside = {id(p) for module in model.modules() if id(module) not in inside for p in module.parameters(False)}
@@ -139,6 +133,17 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, strategy: str = "ddp",
     return model
 
 
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules ``wrap_model(strategy="fsdp2")`` shards one by one before the root: the outermost repeated
+    blocks (the children of the outermost ModuleLists: decoder layers, vision blocks)."""
+    blocks: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        inside_block = any(name.startswith(block + ".") for block, _ in blocks)
+        if isinstance(module, torch.nn.ModuleList) and not inside_block:
+            blocks.extend((f"{name}.{i}", block) for i, block in enumerate(module))
+    return [block for _, block in blocks]
+
+
 def wrap_scorer_model(model: torch.nn.Module, ctx: DistContext, strategy: str = "ddp") -> torch.nn.Module:
     """Place a :class:`~zreward.scoring.scorer.RewardScorer`'s Qwen-VL model (peft-wrapped or not) for data
     parallel training by :class:`~zreward.training.base.TrainerBase`.
@@ -147,14 +152,19 @@ def wrap_scorer_model(model: torch.nn.Module, ctx: DistContext, strategy: str = 
     themselves (:func:`all_reduce_gradients`), because the scorer calls the model's parts rather than its
     ``forward``, which the DDP wrapper needs to see. ``"fsdp2"``: decoder and vision blocks sharded, with the
     inner model (``model.model``: embeddings, vision tower, final norm) as the root unit, entered through its
-    ``forward`` or ``get_image_features`` (which ``generate`` calls on its own); the LM head, whose score rows the
-    scorer reads directly, stays whole on every rank. Make the ranks' weights equal first
+    ``forward`` or ``get_image_features`` (which ``generate`` calls on its own), and each decoder layer also
+    through the entry that shared-prefix student scoring calls (``zreward.scoring.shared_prefix``); the LM head,
+    whose score rows the scorer reads directly, stays whole on every rank. Make the ranks' weights equal first
     (:func:`broadcast_parameters`).
     """
     if strategy != "fsdp2":
         return wrap_model(model, ctx, "none")
+    from zreward.scoring.shared_prefix import register_fsdp_entries
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return wrap_model(model, ctx, "fsdp2", root=base.model, entry_methods=("get_image_features",))
+    model = wrap_model(model, ctx, "fsdp2", root=base.model, entry_methods=("get_image_features",))
+    register_fsdp_entries(base)
+    return model
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
