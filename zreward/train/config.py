@@ -81,8 +81,8 @@ class StudentConfig(RunConfig, RISDConfig):
     """``zreward train student``: RISD (Algorithm 2): the teacher's distributions cached once, then distilled."""
 
     teacher_model: str = ""  # model folder of the teacher (what zreward train teacher wrote)
-    teacher_cache_dir: str | None = None  # where the teacher's distributions are cached; unset: <output_dir>/
-    #   teacher_cache. Reused while the teacher, the train images and the teacher_* keys are unchanged
+    teacher_cache_dir: str | None = None  # where the teacher's distributions are cached (unset:
+    #   <output_dir>/teacher_cache); reused while the teacher, the train images and the teacher_* keys are unchanged
     teacher_batch_size: int = 8  # images per teacher rollout batch while building the cache
     dimensions: list[str] = field(default_factory=lambda: list(DIMENSIONS))  # dimensions the student learns:
     #   every train image is scored by the teacher on each
@@ -227,7 +227,8 @@ def _class_comments(klass) -> dict[str, str]:
     docs = {}
     for number, line in enumerate(lines, start=1):
         name = line.strip().split(":", 1)[0]
-        if ":" not in line or not name.isidentifier() or name not in klass.__annotations__ or number not in comments:
+        own = vars(klass).get("__annotations__", {})
+        if ":" not in line or not name.isidentifier() or name not in own or number not in comments:
             continue
         parts = [comments[number]]
         following = number + 1
@@ -239,16 +240,30 @@ def _class_comments(klass) -> dict[str, str]:
 
 
 def config_template(cls) -> str:
-    """Every key of ``cls`` with its default and its documentation, as a TOML file to start a config from."""
+    """Every key of ``cls`` with its default and its documentation, as a TOML file to start a config from: the
+    run's keys, then those of the role, then the trainer's."""
     docs = field_docs(cls)
     out = [f"# zreward train {role(cls)}: {cls.__doc__.splitlines()[0].split(': ', 1)[-1]}",
            "# Keys left out keep the default shown. Required: " +
            ", ".join(k for k in ("base_model", "data", "teacher_model") if k in docs) + "."]
-    for f in fields(cls):
-        default = f.default if f.default is not MISSING else f.default_factory()
-        out.append(f"\n# {docs[f.name]}")
-        out.append(f"{f.name} = {_toml_value(default)}" if default is not None else f"# {f.name} = (unset)")
+    trainer = next(k for k in cls.__mro__[1:] if k is not RunConfig and "__dataclass_fields__" in vars(k))
+    groups = (("every zreward train run", RunConfig), (f"zreward train {role(cls)}", cls),
+              (f"{trainer.__name__} ({trainer.__module__})", trainer))
+    for title, klass in groups:
+        out.append(f"\n# ---- {title} ----")
+        for f in fields(cls):
+            if _owner(cls, f.name) is not klass:
+                continue
+            default = f.default if f.default is not MISSING else f.default_factory()
+            out.append(f"\n# {docs[f.name]}")
+            out.append(f"{f.name} = {_toml_value(default)}" if default is not None else f"# {f.name} = (unset)")
     return "\n".join(out) + "\n"
+
+
+def _owner(cls, name: str):
+    """The most basic class of ``cls``'s MRO that declares the field ``name`` (RunConfig, the trainer's config, or
+    ``cls`` itself for its own keys)."""
+    return [k for k in cls.__mro__ if name in vars(k).get("__annotations__", {})][-1]
 
 
 def _toml_value(value) -> str:

@@ -28,7 +28,7 @@ CACHE_INDEX = "teacher_cache.json"
 class RISDConfig:
     """Algorithm 2 hyperparameters (JSON-serialisable; stored in checkpoints)."""
 
-    steps: int = 100             # M_dist
+    steps: int = 100             # M_dist: optimisation steps
     batch_size: int = 8          # images per rank per step; each is scored on every cached dimension
     lr: float = 1e-4             # AdamW learning rate
     weight_decay: float = 0.0    # AdamW weight decay
