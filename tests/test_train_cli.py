@@ -211,7 +211,7 @@ def test_image_size_trains_on_mixed_sizes(workspace, tmp_path):
 def test_student_on_a_qwen3_vl_base_model(workspace, tmp_path):
     base = save_base_model(tmp_path / "qwen3-vl", family="qwen3-vl", seed=2)
     settings = student_settings(workspace, tmp_path / "out", workspace / "teacher-base", steps=1, eval_every=1,
-                                base_model=str(base), lora_rank=0)
+                                base_model=str(base), lora_rank=0, gradient_checkpointing=True)
     train("student", write(tmp_path / "config.json", settings))
     scorer = load_model_folder(tmp_path / "out" / "model")
     assert type(scorer.model).__name__ == "Qwen3VLForConditionalGeneration"
@@ -302,12 +302,12 @@ def test_teacher_and_student_on_two_ranks_under_torchrun(workspace, tmp_path):
     in two parts): both train on two gloo ranks, evaluate on the val split and write model folders. (~1 min: two
     torchrun launches.)"""
     teacher = write(tmp_path / "teacher.json", teacher_settings(workspace, tmp_path / "teacher",
-                                                                steps_per_iteration=1))
+                                                                steps_per_iteration=1, gradient_checkpointing=True))
     result = _torchrun("teacher", teacher, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     student = write(tmp_path / "student.json", student_settings(workspace, tmp_path / "student",
                                                                 tmp_path / "teacher" / "model", steps=1,
-                                                                strategy="fsdp2"))
+                                                                strategy="fsdp2", gradient_checkpointing=True))
     result = _torchrun("student", student, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for role in ("teacher", "student"):
