@@ -235,10 +235,9 @@ def test_every_key_is_documented_and_the_printed_template_loads(cls, tmp_path, c
 
 def test_the_training_doc_lists_every_key_as_print_config_prints_it():
     doc = (REPO / "docs" / "training.md").read_text()
-    for cls in (TeacherConfig, StudentConfig):
+    for cls, role in ((TeacherConfig, "teacher"), (StudentConfig, "student")):
         assert f"```toml\n{config_template(cls)}```" in doc, \
-            f"docs/training.md: paste the output of `zreward train {'teacher' if cls is TeacherConfig else 'student'} " \
-            "--print-config` under 'Every key'"
+            f"docs/training.md: paste the output of `zreward train {role} --print-config` under 'Every key'"
 
 
 @pytest.mark.parametrize("cls,key,value,match", [

@@ -70,33 +70,36 @@ class ScoreVocab:
 
 
 def check_prompt_tokens(tokenizer, vocab: ScoreVocab, image_token_id: int) -> None:
-    """``ValueError`` unless ``tokenizer`` renders every rubric prompt and the score tokens follow them as trained.
+    """``ValueError`` unless ``tokenizer`` renders the rubric prompts and the score tokens follow them as trained.
 
-    Checks, for each dimension: the chat template renders the student and teacher prompts with exactly one image
-    placeholder (the model config's ``image_token_id``); the student prompt's tokens end with the answer prefix's tokens; and each score text written
-    after it is one more token, the vocabulary's (a tokenizer that merges the prefix's last space with a digit
-    would make the score token one the model never reads at the score position). The message names the text.
+    For each dimension: the chat template renders the student and the teacher prompt with exactly one image
+    placeholder (``image_token_id``, from the model's config); the student prompt's tokens end with the answer
+    prefix's; and each score text written after it adds exactly its one token (a tokenizer that merged the
+    prefix's last space with a digit would put a token there the model is never asked for). Messages name the text.
     """
     from zreward.scoring.rubric import ANSWER_PREFIX, DIMENSIONS, chat_prompt
 
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template: the rubric prompts are chat messages")
-    prefix = tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    prefix = encode(ANSWER_PREFIX)
     for dimension in DIMENSIONS:
-        for reasoning in (False, True):
-            text = chat_prompt(tokenizer, "a red cube", dimension, reasoning=reasoning)
-            image_pads = tokenizer.encode(text, add_special_tokens=False).count(image_token_id)
-            if image_pads != 1:
-                raise ValueError(f"the chat template renders {image_pads} image placeholders (token {image_token_id}) in the "
-                                 f"{'teacher' if reasoning else 'student'} prompt for {dimension!r}, expected 1")
-        student = tokenizer.encode(chat_prompt(tokenizer, "a red cube", dimension), add_special_tokens=False)
+        for role, reasoning in (("student", False), ("teacher", True)):
+            images = encode(chat_prompt(tokenizer, "a red cube", dimension, reasoning=reasoning)).count(image_token_id)
+            if images != 1:
+                raise ValueError(f"the chat template renders {images} image placeholders (token {image_token_id}) "
+                                 f"in the {role} prompt for {dimension!r}, expected 1")
+        prompt = chat_prompt(tokenizer, "a red cube", dimension)
+        student = encode(prompt)
         if student[-len(prefix):] != prefix:
-            raise ValueError(f"the student prompt for {dimension!r} does not end with the tokens of the answer prefix "
-                             f"{ANSWER_PREFIX!r} ({prefix}), got {student[-len(prefix):]}")
+            raise ValueError(f"the student prompt for {dimension!r} does not end with the answer prefix "
+                             f"{ANSWER_PREFIX!r}'s tokens {prefix}, got {student[-len(prefix):]}")
         for text, token_id in zip(vocab.texts, vocab.token_ids):
-            scored = tokenizer.encode(chat_prompt(tokenizer, "a red cube", dimension) + text,
-                                      add_special_tokens=False)
+            scored = encode(prompt + text)
             if scored != student + [token_id]:
                 raise ValueError(f"score text {text!r} after the answer prefix {ANSWER_PREFIX!r} tokenizes as "
-                                 f"{scored[len(student) - len(prefix):]}, not the prefix {prefix} followed by the "
-                                 f"score token {token_id}")
+                                 f"{scored[len(student) - len(prefix):]}, not the prefix {prefix} followed by "
+                                 f"the score token {token_id}")
