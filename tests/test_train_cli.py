@@ -137,6 +137,29 @@ def test_a_run_does_not_overwrite_another_and_resume_refuses_a_changed_config(wo
         train("student", write(tmp_path / "c.json", {**settings, "lr": 0.5}), "--resume")
 
 
+def test_an_interrupted_teacher_cache_build_keeps_the_parts_it_finished(workspace, tmp_path, monkeypatch):
+    """A rank's finished part of the cache is reused when the build runs again: the teacher is not even loaded."""
+    cache = tmp_path / "cache"
+    settings = student_settings(workspace, tmp_path / "a", workspace / "teacher-base", steps=1, eval_every=0,
+                                teacher_cache_dir=str(cache))
+    train("student", write(tmp_path / "a.json", settings))
+    probs = load_file(cache / "teacher_cache.safetensors")["probs"]
+    part = cache / "part-00000-of-00001"  # as if the build had stopped after this rank's part, before the join
+    part.mkdir()
+    for name in ("teacher_cache.safetensors", "teacher_cache.json"):
+        (cache / name).rename(part / name)
+    key = json.loads((cache / "cache_key.json").read_text())
+    (part / "cache_key.json").write_text(json.dumps({**key, "share": [0, key["num_items"]]}))
+    (cache / "cache_key.json").unlink()
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded although its part was built")
+
+    monkeypatch.setattr("zreward.deploy.model_folder.load_model_folder", no_teacher)
+    train("student", write(tmp_path / "b.json", {**settings, "output_dir": str(tmp_path / "b")}))
+    assert torch.equal(load_file(cache / "teacher_cache.safetensors")["probs"], probs) and not part.exists()
+
+
 def _bad_data(root: Path, tmp_path: Path) -> Path:
     lines = (root / "data" / "annotations.jsonl").read_text().splitlines()
     image = str(root / "data" / "images" / "00000.png")

@@ -14,11 +14,11 @@ import gc
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from zreward.train.config import StudentConfig, TeacherConfig, changed_keys, check_config
 from zreward.train.data import ImageItems, gdso_pairs, load_run_data
@@ -184,7 +184,8 @@ def run_training(trainer, config, out: Path, resume: bool, ctx: DistContext, val
 
 def finish(config, out: Path, role: str, ctx: DistContext, log) -> Path:
     """Rank 0 writes the model folder from the best checkpoint (``final_model = "best"``, when there is one) or
-    the last; every rank returns its path."""
+    the last; every rank returns its path, the others without waiting for it (writing a large model on the CPU
+    can outlast a collective's timeout)."""
     checkpoints = out / "checkpoints"
     best = checkpoints / BEST
     source = best if config.final_model == "best" and best.is_dir() else latest_checkpoint(checkpoints)
@@ -192,8 +193,6 @@ def finish(config, out: Path, role: str, ctx: DistContext, log) -> Path:
     if ctx.is_main:
         export_model_folder(config, source, folder, role)
         log(f"model folder {folder} written from {source}")
-    if ctx.distributed:
-        dist.barrier()
     return folder
 
 
@@ -202,16 +201,19 @@ def teacher_cache(config: StudentConfig, items: ImageItems, vocab, ctx: DistCont
 
     The cache in ``teacher_cache_dir`` is reused while its key (the teacher folder's files, the images and prompts,
     the teacher_* keys) matches. Otherwise each rank builds the part of the images it is dealt (contiguous
-    shares, a part folder each, itself reused when a build is resumed), then rank 0 joins the parts.
+    shares, a part folder each, itself reused when a build is resumed), then rank 0 joins the parts. The ranks
+    wait for each other by watching the folder, not in a collective, whose timeout a build of hours would outlast.
     """
     directory = Path(config.teacher_cache_dir or Path(config.output_dir) / "teacher_cache")
     key = cache_key(config, items)
     if _key_matches(directory, key):
         log_main(ctx, log, f"teacher cache {directory} reused")
         return TeacherCache.load(directory)
-    start, stop = ctx.rank * len(items) // ctx.world_size, (ctx.rank + 1) * len(items) // ctx.world_size
-    part = directory / f"part-{ctx.rank:05d}-of-{ctx.world_size:05d}"
-    part_key = {**key, "share": [start, stop]}
+    parts = [(directory / f"part-{r:05d}-of-{ctx.world_size:05d}",
+              {**key, "share": [r * len(items) // ctx.world_size, (r + 1) * len(items) // ctx.world_size]})
+             for r in range(ctx.world_size)]
+    part, part_key = parts[ctx.rank]
+    start, stop = part_key["share"]
     if not _key_matches(part, part_key):
         from zreward.deploy.model_folder import load_model_folder
 
@@ -240,20 +242,28 @@ def teacher_cache(config: StudentConfig, items: ImageItems, vocab, ctx: DistCont
         gc.collect()
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
-    if ctx.distributed:
-        dist.barrier()
     if ctx.is_main:
-        parts = [TeacherCache.load(directory / f"part-{r:05d}-of-{ctx.world_size:05d}") for r in range(ctx.world_size)]
-        reasoning = {d: [texts for p in parts for texts in p.reasoning[d]] for d in config.dimensions}
-        TeacherCache(torch.cat([p.probs for p in parts]), config.dimensions, items.prompts(range(len(items))),
+        wait_for(lambda: all(_key_matches(*p) for p in parts), "the other ranks' teacher cache parts")
+        built = [TeacherCache.load(folder) for folder, _ in parts]
+        reasoning = {d: [texts for b in built for texts in b.reasoning[d]] for d in config.dimensions}
+        TeacherCache(torch.cat([b.probs for b in built]), config.dimensions, items.prompts(range(len(items))),
                      reasoning, vocab.values.clone()).save(directory)
         write_json_atomic(key, directory / CACHE_KEY)
-        for r in range(ctx.world_size):
-            shutil.rmtree(directory / f"part-{r:05d}-of-{ctx.world_size:05d}")
+        for folder, _ in parts:
+            shutil.rmtree(folder)
         log(f"teacher cache written to {directory}")
-    if ctx.distributed:
-        dist.barrier()
+    wait_for(lambda: _key_matches(directory, key), f"rank 0 to join the teacher cache in {directory}")
     return TeacherCache.load(directory)
+
+
+def wait_for(condition, what: str, poll_seconds: float = 2.0) -> None:
+    """Sleep until ``condition()`` holds (files another rank writes); a note every ten minutes of waiting."""
+    waited = 0.0
+    while not condition():
+        time.sleep(poll_seconds)
+        waited += poll_seconds
+        if waited % 600 < poll_seconds:
+            print(f"still waiting for {what} ({waited / 60:.0f} min)", flush=True)
 
 
 def cache_key(config: StudentConfig, items: ImageItems) -> dict:
