@@ -267,6 +267,7 @@ def test_the_training_doc_lists_every_key_as_print_config_prints_it():
     (TeacherConfig, "lr", "1e-5", "lr: expected float"),
     (TeacherConfig, "lora_rank", 1.5, "lora_rank: expected int"),
     (TeacherConfig, "dtype", "float16", "dtype must be one of"),
+    (TeacherConfig, "aggregation", "mean", "aggregation must be one of"),
     (StudentConfig, "dimensions", ["sharpness"], "dimensions must be distinct names"),
     (StudentConfig, "strategy", "zero3", "strategy must be one of"),
 ])

@@ -186,6 +186,12 @@ def _value_problems(config) -> list[str]:
         need(getattr(config, name) >= 0, f"{name} must be >= 0, got {getattr(config, name)}")
     need(config.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {config.eval_batch_size}")
     if isinstance(config, TeacherConfig):
+        from zr_kernels.kernels.group_advantages import SCALES
+        from zreward.training.gdso import AGGREGATIONS, POLICY_BACKENDS, REWARD_SOURCES
+
+        for name, choices in (("aggregation", AGGREGATIONS), ("reward_source", REWARD_SOURCES),
+                              ("advantage_scale", SCALES), ("policy_backend", POLICY_BACKENDS)):
+            need(getattr(config, name) in choices, f"{name} must be one of {choices}, got {getattr(config, name)!r}")
         need(config.min_gap >= 0, f"min_gap must be >= 0, got {config.min_gap}")
         need(config.eval_samples >= 1, f"eval_samples must be >= 1, got {config.eval_samples}")
         for name in ("group_size", "pairs_per_batch", "max_new_tokens", "iterations", "steps_per_iteration",

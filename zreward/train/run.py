@@ -57,8 +57,9 @@ def setup_errors():
         raise SetupError(str(error)) from error
 
 
-def train_teacher(config: TeacherConfig, resume: bool = False, log=print) -> Path:
-    """Train a teacher with GDSO on ``config.data``'s train split; returns the model folder it wrote."""
+def train_teacher(config: TeacherConfig, resume: bool = False, log=print, progress: bool = True) -> Path:
+    """Train a teacher with GDSO on ``config.data``'s train split; returns the model folder it wrote. ``log``
+    gets the run's messages (on rank 0), ``progress`` shows a progress bar."""
     with setup_errors():
         check_config(config)
         ctx = init_distributed(resolve_device(config))
@@ -94,14 +95,15 @@ def train_teacher(config: TeacherConfig, resume: bool = False, log=print) -> Pat
         return rollouts.scores.mean.mean(1)
 
     try:
-        run_training(trainer, config, out, resume, ctx, data.val, teacher_scores, log)
+        run_training(trainer, config, out, resume, ctx, data.val, teacher_scores, log, progress)
     finally:
         trainer.engine.close()
     return finish(config, out, "teacher", ctx, log)
 
 
-def train_student(config: StudentConfig, resume: bool = False, log=print) -> Path:
-    """Distil the teacher of ``config.teacher_model`` into a student with RISD; returns the model folder."""
+def train_student(config: StudentConfig, resume: bool = False, log=print, progress: bool = True) -> Path:
+    """Distil the teacher of ``config.teacher_model`` into a student with RISD; returns the model folder. ``log``
+    and ``progress`` as for :func:`train_teacher`."""
     with setup_errors():
         check_config(config)
         ctx = init_distributed(resolve_device(config))
@@ -123,7 +125,7 @@ def train_student(config: StudentConfig, resume: bool = False, log=print) -> Pat
     def student_scores(images, prompts, dimension):
         return scorer.student_scores(images, prompts, (dimension,)).mean[:, 0]
 
-    run_training(trainer, config, out, resume, ctx, data.val, student_scores, log)
+    run_training(trainer, config, out, resume, ctx, data.val, student_scores, log, progress)
     return finish(config, out, "student", ctx, log)
 
 
@@ -160,7 +162,8 @@ def prepare_output(config, resume: bool, ctx: DistContext) -> Path:
     return out
 
 
-def run_training(trainer, config, out: Path, resume: bool, ctx: DistContext, val_records, score_fn, log) -> None:
+def run_training(trainer, config, out: Path, resume: bool, ctx: DistContext, val_records, score_fn, log,
+                 progress: bool) -> None:
     """Evaluation, checkpoints, log and curves around ``trainer.train``."""
     checkpoints = out / "checkpoints"
     if val_records and config.eval_every:
@@ -177,7 +180,7 @@ def run_training(trainer, config, out: Path, resume: bool, ctx: DistContext, val
             plot_curves(log_path, png)
 
     trainer.train(trainer.default_steps(), log=replot, log_file=log_path, checkpoint_dir=checkpoints,
-                  save_every=config.save_every, progress=ctx.is_main)
+                  save_every=config.save_every, progress=progress and ctx.is_main)
     if ctx.is_main and trainer.validator is None:  # else the last step's evaluation has just plotted
         plot_curves(log_path, png)
 
