@@ -254,3 +254,112 @@ def test_trainer_on_two_ranks(tmp_path, kind):
     assert set(reports[0]["seen"]).isdisjoint(reports[1]["seen"]), "ranks must train on different data"
     for a, b in zip(reports[0]["history"], reports[1]["history"]):  # ReFL's noise (and grad_start) is per rank
         assert a["loss"] == b["loss"], "the logged loss is rank-averaged"
+
+
+def _gdso_worker(rank, out_dir, strategy):
+    ctx = _join(rank, out_dir)
+    try:
+        _gdso_step(rank, out_dir, strategy, ctx)
+    finally:
+        shutdown_distributed()
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
+
+
+def _gdso_step(rank, out_dir, strategy, ctx):
+    from zreward.experiments.tiny_models import tiny_scorer
+    from zreward.training.distributed import broadcast_parameters, wrap_scorer_model
+    from zreward.training.gdso import GDSOConfig, GDSOTrainer
+
+    def build():
+        scorer = tiny_scorer(rank, {"layer_types": ["full_attention"] * 2})  # rank 0's weights win
+        broadcast_parameters(scorer.model)
+        scorer.model = wrap_scorer_model(scorer.model, ctx, strategy)
+        return scorer
+
+    teacher = build()
+    reference = build().model if strategy == "fsdp2" else None  # a sharded policy cannot be deep-copied
+    config = GDSOConfig(group_size=2, pairs_per_batch=1, max_new_tokens=3, lr=1e-2, beta=0.05, max_grad_norm=0.5)
+    trainer = GDSOTrainer(teacher, TRAIN_DATA, TRAIN_DATA.pairs(), config, ctx=ctx, reference=reference)
+    torch.manual_seed(1 + rank)
+    metrics = trainer.step()
+    grads = {name: _full(p.grad) for name, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.refresh_reference()  # pi_ref <- pi_theta: into the sharded reference's shards under FSDP2
+    copied = all(torch.equal(_full(r), _full(p)) for r, p in zip(trainer.reference.parameters(),
+                                                                 trainer.model.parameters()))
+    if rank == 0:
+        save_file(grads, os.path.join(out_dir, "grads.st"))
+        with open(os.path.join(out_dir, "report.json"), "w") as f:
+            json.dump({"metrics": metrics, "reference_copied": copied}, f)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _fsdp2_runs_on_cpu(), reason="no FSDP2 in this torch")
+def test_gdso_gradients_on_fsdp2_match_whole_replicas(tmp_path):
+    """One GDSO step on two ranks gives the same clipped gradient with the teacher sharded by FSDP2 as with whole
+    replicas: the sharded gradients (already averaged by FSDP2's reduce-scatter) are not all-reduced again, the
+    whole LM head's are, and the clip norm adds both; the reference policy is refreshed into its shards. (~1 min:
+    two two-rank spawns.)"""
+    for strategy in ("ddp", "fsdp2"):
+        (tmp_path / strategy).mkdir()
+        mp.spawn(_gdso_worker, args=(str(tmp_path / strategy), strategy), nprocs=WORLD, join=True)
+    whole = load_file(tmp_path / "ddp" / "grads.st")
+    sharded = load_file(tmp_path / "fsdp2" / "grads.st")
+    assert whole.keys() == sharded.keys() and "lm_head.weight" in whole
+    for name in whole:
+        torch.testing.assert_close(sharded[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
+    reports = [json.loads((tmp_path / s / "report.json").read_text()) for s in ("ddp", "fsdp2")]
+    assert reports[0]["metrics"]["grad_norm"] > 0.5, "the clip must be active for the test to cover it"
+    assert reports[1]["metrics"]["grad_norm"] == pytest.approx(reports[0]["metrics"]["grad_norm"], rel=1e-5)
+    assert reports[1]["metrics"]["loss"] == pytest.approx(reports[0]["metrics"]["loss"], rel=1e-5)
+    assert reports[0]["reference_copied"] and reports[1]["reference_copied"]
+
+
+def _risd_worker(rank, out_dir, strategy):
+    ctx = _join(rank, out_dir)
+    try:
+        _risd_step(rank, out_dir, strategy, ctx)
+    finally:
+        shutdown_distributed()
+
+
+def _risd_step(rank, out_dir, strategy, ctx):
+    from zreward.experiments.tiny_models import tiny_scorer
+    from zreward.training.distributed import broadcast_parameters, wrap_scorer_model
+    from zreward.training.risd import RISDConfig, RISDTrainer, TeacherCache
+
+    student = tiny_scorer(rank, {})  # a linear-attention and a full-attention layer; rank 0's weights win
+    student.model.model.language_model.layers[0].gradient_checkpointing = True  # recomputed under FSDP2 too
+    broadcast_parameters(student.model)
+    student.model = wrap_scorer_model(student.model, ctx, strategy)
+    probs = torch.softmax(torch.randn(len(TRAIN_DATA), 2, 9, generator=torch.Generator().manual_seed(0)), -1)
+    cache = TeacherCache(probs, ("realism", "aesthetics"), TRAIN_DATA.prompts(range(len(TRAIN_DATA))), {},
+                         torch.linspace(1, 5, 9))
+    trainer = RISDTrainer(student, TRAIN_DATA, cache, RISDConfig(batch_size=2, lr=1e-2, max_grad_norm=0.05), ctx=ctx)
+    metrics = trainer.step()
+    grads = {name: _full(p.grad) for name, p in trainer.model.named_parameters() if p.grad is not None}
+    if rank == 0:
+        save_file(grads, os.path.join(out_dir, "grads.st"))
+        with open(os.path.join(out_dir, "report.json"), "w") as f:
+            json.dump({"metrics": metrics}, f)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _fsdp2_runs_on_cpu(), reason="no FSDP2 in this torch")
+def test_risd_gradients_on_fsdp2_match_whole_replicas(tmp_path):
+    """One RISD step on two ranks gives the same clipped gradient with the student sharded by FSDP2 as with whole
+    replicas: shared-prefix scoring runs each decoder layer once for the prefix and once per dimension through its
+    FSDP2 entry (a gated-delta and an attention layer, one of them recomputed in backward). (~1 min.)"""
+    for strategy in ("ddp", "fsdp2"):
+        (tmp_path / strategy).mkdir()
+        mp.spawn(_risd_worker, args=(str(tmp_path / strategy), strategy), nprocs=WORLD, join=True)
+    whole = load_file(tmp_path / "ddp" / "grads.st")
+    sharded = load_file(tmp_path / "fsdp2" / "grads.st")
+    assert whole.keys() == sharded.keys() and "model.language_model.layers.0.linear_attn.A_log" in whole
+    for name in whole:
+        torch.testing.assert_close(sharded[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
+    reports = [json.loads((tmp_path / s / "report.json").read_text())["metrics"] for s in ("ddp", "fsdp2")]
+    assert reports[0]["grad_norm"] > 0.05, "the clip must be active for the test to cover it"
+    assert reports[1]["grad_norm"] == pytest.approx(reports[0]["grad_norm"], rel=1e-5)

@@ -126,7 +126,7 @@ def _hand_counts(hidden, intermediate, layers, heads, value_heads, rank=16):
     128, conv 4; 3 linear- for 1 full-attention layer; vision: 27 blocks of 1152 / 4304, patch 16 x 16 x 2 frames,
     2304 position embeddings, 2 x 2 merger), and LoRA of ``rank`` on every projection of the language model
     (``rank x (in + out)`` each). Returns (total, root under FSDP2, (full, linear) layer, LoRA per (full, linear)
-    layer)."""
+    layer); the LM head (``vocab x hidden``) is the rest of the total."""
     vocab, head_dim, keys, values = 248320, 256, 16 * 128, value_heads * 128
     common = 3 * hidden * intermediate + 2 * hidden
     full = hidden * 2 * heads * head_dim + 2 * hidden * 4 * head_dim + heads * head_dim * hidden + 2 * head_dim
@@ -135,8 +135,8 @@ def _hand_counts(hidden, intermediate, layers, heads, value_heads, rank=16):
     vh, vi = 1152, 4304
     block = 2 * 2 * vh + 3 * vh * vh + 3 * vh + vh * vh + vh + 2 * vh * vi + vi + vh
     merger = 2 * vh + (4 * vh) ** 2 + 4 * vh + 4 * vh * hidden + hidden
-    root = 2 * vocab * hidden + hidden + vh * 3 * 2 * 16 * 16 + vh + 2304 * vh + merger
-    total = root + layers // 4 * (full + common) + 3 * layers // 4 * (linear + common) + 27 * block
+    root = vocab * hidden + hidden + vh * 3 * 2 * 16 * 16 + vh + 2304 * vh + merger  # the LM head is not in it
+    total = root + vocab * hidden + layers // 4 * (full + common) + 3 * layers // 4 * (linear + common) + 27 * block
     lora_mlp = 2 * (hidden + intermediate) + (intermediate + hidden)
     lora_full = (hidden + 2 * heads * head_dim) + 2 * (hidden + 4 * head_dim) + (heads * head_dim + hidden)
     lora_linear = (hidden + 2 * keys + values) + (hidden + values) + (values + hidden)
@@ -161,10 +161,12 @@ def test_paper_models_on_eight_80_gib_devices(name):
                     device_memory=80 * GIB)
     full = estimate_memory(model, gradient_checkpointing=True, **settings)
     assert full.total_params == full.trainable_params == total
-    # bf16: 2 bytes a parameter; the root stays whole, two units (decoder layers) are gathered at a time
-    assert full.weights == -(-2 * total // 8) + 2 * root + 2 * 2 * max(layers)
-    assert full.gradients == -(-2 * total // 8) + 2 * root + 2 * max(layers)
-    assert full.optimizer == -(-2 * 2 * total // 8)  # two bf16 moments per parameter, sharded
+    # bf16: 2 bytes a parameter; the root is gathered for the whole step, two units (decoder layers) at a time, and
+    # the LM head is whole on every rank (with its gradient and moments)
+    head = PAPER[name][0] * 248320
+    assert full.weights == -(-2 * (total - head) // 8) + 2 * root + 2 * 2 * max(layers) + 2 * head
+    assert full.gradients == -(-2 * (total - head) // 8) + 2 * root + 2 * max(layers) + 2 * head
+    assert full.optimizer == -(-2 * 2 * (total - head) // 8) + 2 * 2 * head  # two bf16 moments per parameter
     plain = estimate_memory(model, gradient_checkpointing=False, **settings)
     assert plain.activations > 5 * full.activations and not plain.fits
 
@@ -176,7 +178,7 @@ def test_paper_models_on_eight_80_gib_devices(name):
     assert adapted.trainable_params == lora_params and adapted.total_params == total + lora_params
     # peft keeps the adapters in fp32 on a bf16 model: 4-byte weights, gradients and moments
     largest = max(2 * layer + 4 * adapter for layer, adapter in zip(layers, lora_layers))
-    assert adapted.weights == -(-(2 * total + 4 * lora_params) // 8) + 2 * root + 2 * largest
+    assert adapted.weights == -(-(2 * (total - head) + 4 * lora_params) // 8) + 2 * root + 2 * largest + 2 * head
     assert adapted.gradients == -(-4 * lora_params // 8) + 4 * max(lora_layers)
     assert adapted.optimizer == -(-2 * 4 * lora_params // 8)
     assert adapted.activations == full.activations
@@ -194,7 +196,8 @@ def test_strategies_and_the_engine_share():
     assert alone.gradients == 4 * params and ddp.gradients == 8 * params  # grads + DDP's buckets
     shared = estimate_memory(model, world_size=4, strategy="fsdp2", engine_memory_fraction=0.25,
                              device_memory=GIB, **common)
-    assert shared.optimizer == -(-8 * params // 4) and shared.engine == GIB // 4
+    head = model.get_output_embeddings().weight.numel()  # whole on every rank under FSDP2 (tied or not)
+    assert shared.optimizer == -(-8 * (params - head) // 4) + 8 * head and shared.engine == GIB // 4
     assert shared.total == shared.weights + shared.gradients + shared.optimizer + shared.activations + GIB // 4
     table = shared.table()
     for row in ("parameters", "weights", "gradients", "optimizer", "activations", "engine", "total", "device"):

@@ -80,3 +80,36 @@ def test_teacher_prompt_opens_thinking(tokenizer):
 
 def test_tokenizer_is_deterministic(tokenizer):
     assert tiny_tokenizer().get_vocab() == tokenizer.get_vocab()
+
+
+def _image_token_id(tokenizer):
+    return tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+
+def test_prompt_tokens_check_passes_the_digits(tokenizer):
+    from zreward.scoring.vocab import check_prompt_tokens
+
+    check_prompt_tokens(tokenizer, ScoreVocab.from_tokenizer(tokenizer), _image_token_id(tokenizer))
+
+
+def test_prompt_tokens_check_names_a_score_text_that_merges_with_the_prefix(tokenizer):
+    """A letter is one token on its own, but after the prefix's space the Qwen pre-tokenizer joins them: the model
+    would be asked for a token it never sees there."""
+    from zreward.scoring.vocab import check_prompt_tokens
+
+    vocab = ScoreVocab.from_tokenizer(tokenizer, ["a", "b"], [1.0, 5.0])
+    with pytest.raises(ValueError, match="score text 'a' after the answer prefix 'Score: ' tokenizes as"):
+        check_prompt_tokens(tokenizer, vocab, _image_token_id(tokenizer))
+
+
+def test_prompt_tokens_check_needs_a_chat_template_with_one_image(tokenizer):
+    from zreward.scoring.vocab import check_prompt_tokens
+
+    vocab = ScoreVocab.from_tokenizer(tokenizer)
+    no_image = tiny_tokenizer()
+    no_image.chat_template = tokenizer.chat_template.replace("<|image_pad|>", "")
+    with pytest.raises(ValueError, match="renders 0 image placeholders .* in the student prompt"):
+        check_prompt_tokens(no_image, vocab, _image_token_id(tokenizer))
+    no_image.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        check_prompt_tokens(no_image, vocab, _image_token_id(tokenizer))

@@ -3,6 +3,9 @@
 * ``zreward.scoring`` - score vocabulary, rubric, Qwen-VL image processing and :class:`RewardScorer` (Sec. 3);
 * ``zreward.training`` - :class:`TrainerBase`, :class:`GDSOTrainer` (Algorithm 1), :class:`RISDTrainer` and
   :class:`TeacherCache` (Algorithm 2), safetensors checkpoints, torch.distributed helpers (Sec. 4);
+* ``zreward.train`` - ``zreward train teacher|student``: :func:`train_teacher` / :func:`train_student` from an
+  annotation file and a local model folder to a model folder, configured by :class:`TeacherConfig` /
+  :class:`StudentConfig`;
 * ``zreward.refl`` - :class:`ReFLTrainer`: the student reward backpropagated into a diffusers generator (Sec. 5.1);
 * ``zreward.deploy`` - model folders, ``zreward score`` / ``rank`` / ``serve``, adapters for RL trainers;
 * ``zreward.experiments`` - synthetic data, tiny models, ``zreward demo`` and ``zreward ablate``;
@@ -22,6 +25,8 @@ _EXPORTS = {
     "zreward.training.risd": ("RISDConfig", "RISDTrainer", "TeacherCache"),
     "zreward.training.checkpoint": ("save_checkpoint", "load_checkpoint", "latest_checkpoint"),
     "zreward.training.distributed": ("DistContext", "init_distributed", "shutdown_distributed", "wrap_model"),
+    "zreward.train.config": ("TeacherConfig", "StudentConfig"),
+    "zreward.train.run": ("train_teacher", "train_student"),
     "zreward.refl.config": ("ReFLConfig",),
     "zreward.refl.trainer": ("ReFLTrainer",),
     "zreward.deploy.model_folder": ("save_model_folder", "load_model_folder"),

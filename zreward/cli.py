@@ -9,8 +9,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES = ("zreward.evaluate", "zreward.experiments.demo", "zreward.experiments.ablate", "zreward.refl",
-                      "zreward.deploy.score", "zreward.deploy.rank", "zreward.deploy.serve")
+SUBCOMMAND_MODULES = ("zreward.train", "zreward.evaluate", "zreward.experiments.demo", "zreward.experiments.ablate",
+                      "zreward.refl", "zreward.deploy.score", "zreward.deploy.rank", "zreward.deploy.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

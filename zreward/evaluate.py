@@ -26,19 +26,21 @@ COLUMNS = ("n", "pairs", "plcc", "srcc", "hpa", "margin_hpa")
 @torch.no_grad()
 def predict(scorer: RewardScorer, records: list[Annotation], batch_size: int = 8,
             progress: bool = True) -> list[float]:
-    """Student expected score (Eq. 16) of each record, batched by dimension and image size."""
+    """Student expected score (Eq. 16) of each record, batched by dimension and image size (read from the file
+    headers); only one batch of images is in memory at a time."""
+    from PIL import Image
+
     batches = defaultdict(list)
-    images = {}
     for index, record in enumerate(records):
-        images[index] = load_image(record.image)
-        batches[(record.dimension, tuple(images[index].shape))].append(index)
+        with Image.open(record.image) as image:
+            batches[(record.dimension, image.size)].append(index)
     device = scorer.lm_head_weight().device
     predictions = [math.nan] * len(records)
     with tqdm(total=len(records), desc="scoring", unit="image", disable=not progress) as bar:
         for (dimension, _), indices in batches.items():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
-                pixels = torch.stack([images.pop(i) for i in chunk]).to(device)
+                pixels = torch.stack([load_image(records[i].image) for i in chunk]).to(device)
                 dist = scorer.student_scores(pixels, [records[i].prompt for i in chunk], (dimension,))
                 for i, mean in zip(chunk, dist.mean[:, 0].tolist()):
                     predictions[i] = mean
@@ -46,18 +48,24 @@ def predict(scorer: RewardScorer, records: list[Annotation], batch_size: int = 8
     return predictions
 
 
-def evaluate_records(scorer: RewardScorer, records: list[Annotation], batch_size: int = 8,
-                     progress: bool = True) -> dict:
-    """``{"metrics": {dimension | "all": {...}}, "predictions": [...]}`` for ``records``."""
-    predictions = predict(scorer, records, batch_size, progress)
+def record_metrics(records: list[Annotation], predictions: list[float]) -> dict:
+    """``{dimension | "all": reward_metrics}`` of ``predictions`` (one per record) against the records' ground
+    truths, HPA pairs within (prompt, dimension)."""
     position = {id(r): i for i, r in enumerate(records)}
     metrics = {}
     for dimension, group in [*by_dimension(records).items(), ("all", records)]:
         pred = [predictions[position[id(r)]] for r in group]
         metrics[dimension] = reward_metrics(pred, [r.score for r in group], [(r.prompt, r.dimension) for r in group])
+    return metrics
+
+
+def evaluate_records(scorer: RewardScorer, records: list[Annotation], batch_size: int = 8,
+                     progress: bool = True) -> dict:
+    """``{"metrics": {dimension | "all": {...}}, "predictions": [...]}`` for ``records``."""
+    predictions = predict(scorer, records, batch_size, progress)
     rows = [{"source": r.source, "dimension": r.dimension, "score": r.score, "prediction": p}
             for r, p in zip(records, predictions)]
-    return {"metrics": metrics, "predictions": rows}
+    return {"metrics": record_metrics(records, predictions), "predictions": rows}
 
 
 def format_table(metrics: dict) -> str:

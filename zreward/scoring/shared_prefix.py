@@ -20,6 +20,7 @@ the backward (``zreward.scoring.gated_delta``), while transformers fixes that ch
 from __future__ import annotations
 
 import inspect
+import types
 from dataclasses import dataclass
 from functools import cache
 
@@ -156,6 +157,27 @@ def _decoder_layer(layer, hidden, cos_sin, mask, state, key_values):
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), state
 
 
+FSDP_ENTRY = "shared_prefix_layer"  # the decoder-layer method FSDP2 gathers a sharded layer's weights around
+
+
+def _run_layer(layer, *args):
+    """:func:`_decoder_layer`, entered through the layer's FSDP2 hooks when it is a sharded unit
+    (:func:`register_fsdp_entries`): this file calls the layer's parts, never its ``forward``."""
+    entry = getattr(layer, FSDP_ENTRY, None)
+    return entry(*args) if entry is not None else _decoder_layer(layer, *args)
+
+
+def register_fsdp_entries(model) -> None:
+    """Give each FSDP2-sharded decoder layer of the Qwen-VL ``model`` an entry that FSDP2 treats as a forward, so
+    that shared-prefix scoring gathers its weights before it runs and reduce-scatters its gradients after."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    for layer in model.model.language_model.layers:
+        if isinstance(layer, FSDPModule):
+            setattr(layer, FSDP_ENTRY, types.MethodType(_decoder_layer, layer))
+            register_fsdp_forward_method(layer, FSDP_ENTRY)
+
+
 def _layers(language_model, hidden, positions, states: dict, past: int, deepstack=(), image_mask=None):
     """All decoder layers from ``states`` (empty: from the start). Returns the final-norm hidden states and the
     layers' states at the end."""
@@ -168,9 +190,9 @@ def _layers(language_model, hidden, positions, states: dict, past: int, deepstac
         args = (layer, hidden, cos_sin, mask, states.get(i), key_values)
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
             # As transformers' GradientCheckpointingLayer does after model.gradient_checkpointing_enable().
-            hidden, new_states[i] = checkpoint(_decoder_layer, *args, use_reentrant=False)
+            hidden, new_states[i] = checkpoint(_run_layer, *args, use_reentrant=False)
         else:
-            hidden, new_states[i] = _decoder_layer(*args)
+            hidden, new_states[i] = _run_layer(*args)
         if i < len(deepstack):  # Qwen3-VL: the vision tower's intermediate features join the image positions
             hidden = hidden + torch.zeros_like(hidden).masked_scatter(image_mask[..., None], deepstack[i])
     return language_model.norm(hidden), new_states
@@ -197,8 +219,9 @@ def shared_prefix_hidden(model, split: Split, pixel_values: torch.Tensor, image_
     device = pixel_values.device
     prefix = split.prefix.to(device)
     embed = inner.get_input_embeddings()
-    hidden = embed(prefix)
+    # the vision features first: under FSDP2 this call gathers the inner model's own weights (the embeddings)
     vision = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    hidden = embed(prefix)
     features = torch.cat(vision.pooler_output).to(hidden.dtype)
     image_mask = prefix == model.config.image_token_id
     if int(image_mask.sum()) != features.shape[0]:

@@ -67,3 +67,39 @@ class ScoreVocab:
         """``bin_index`` of each score as an int64 tensor of the same shape (targets for ``score_distribution``)."""
         scores = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
         return torch.tensor([self.bin_index(s) for s in scores.reshape(-1).tolist()], dtype=torch.int64).view(scores.shape)
+
+
+def check_prompt_tokens(tokenizer, vocab: ScoreVocab, image_token_id: int) -> None:
+    """``ValueError`` unless ``tokenizer`` renders the rubric prompts and the score tokens follow them as trained.
+
+    For each dimension: the chat template renders the student and the teacher prompt with exactly one image
+    placeholder (``image_token_id``, from the model's config); the student prompt's tokens end with the answer
+    prefix's; and each score text written after it adds exactly its one token (a tokenizer that merged the
+    prefix's last space with a digit would put a token there the model is never asked for). Messages name the text.
+    """
+    from zreward.scoring.rubric import ANSWER_PREFIX, DIMENSIONS, chat_prompt
+
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the tokenizer has no chat template: the rubric prompts are chat messages")
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    prefix = encode(ANSWER_PREFIX)
+    for dimension in DIMENSIONS:
+        for role, reasoning in (("student", False), ("teacher", True)):
+            images = encode(chat_prompt(tokenizer, "a red cube", dimension, reasoning=reasoning)).count(image_token_id)
+            if images != 1:
+                raise ValueError(f"the chat template renders {images} image placeholders (token {image_token_id}) "
+                                 f"in the {role} prompt for {dimension!r}, expected 1")
+        prompt = chat_prompt(tokenizer, "a red cube", dimension)
+        student = encode(prompt)
+        if student[-len(prefix):] != prefix:
+            raise ValueError(f"the student prompt for {dimension!r} does not end with the answer prefix "
+                             f"{ANSWER_PREFIX!r}'s tokens {prefix}, got {student[-len(prefix):]}")
+        for text, token_id in zip(vocab.texts, vocab.token_ids):
+            scored = encode(prompt + text)
+            if scored != student + [token_id]:
+                raise ValueError(f"score text {text!r} after the answer prefix {ANSWER_PREFIX!r} tokenizes as "
+                                 f"{scored[len(student) - len(prefix):]}, not the prefix {prefix} followed by "
+                                 f"the score token {token_id}")

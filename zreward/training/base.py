@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from zreward.data import jsonl_values
 from zreward.training.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
-from zreward.training.distributed import DistContext, all_reduce_gradients, broadcast_parameters, shard_indices
+from zreward.training.distributed import (DistContext, all_reduce_gradients, broadcast_parameters, clip_grad_norm,
+                                          shard_indices)
 
 
 class TrainerBase(abc.ABC):
@@ -80,7 +81,7 @@ class TrainerBase(abc.ABC):
         loss.backward()
         all_reduce_gradients(self.model)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        norm = clip_grad_norm(params, self.config.max_grad_norm)
         self.optimizer.step()
         self.on_optimizer_step()
         return float(norm)

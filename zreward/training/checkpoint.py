@@ -36,7 +36,8 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                     state: dict[str, Any] | None = None,
                     extra_models: dict[str, torch.nn.Module] | None = None) -> Path:
     """Write ``model``, ``optimizer``, every rank's RNG state and the JSON-serialisable ``state`` to ``path``;
-    each of ``extra_models`` (e.g. GDSO's frozen reference policy) goes to ``<name>.safetensors``.
+    each of ``extra_models`` (e.g. GDSO's frozen reference policy; plain or sharded as the model may be) goes to
+    ``<name>.safetensors``.
 
     Collective under ``torch.distributed``: every rank must call it (rank 0 writes the shared files,
     each rank its own RNG file).
@@ -58,12 +59,13 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         model_state, optim_state = get_state_dict(model, [], options=options)[0], None
     else:
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    extra_states = {name: get_state_dict(extra, [], options=options)[0] for name, extra in (extra_models or {}).items()}
     if rank == 0:
         model_tensors, aliases = _dedupe_tied(model_state)
         save_safetensors(model_tensors, tmp / "model.safetensors")
         meta = {"world_size": world_size, "rng": rng_states, "aliases": aliases, "state": state or {}}
-        for name, extra in (extra_models or {}).items():
-            extra_tensors, meta.setdefault("extra_aliases", {})[name] = _dedupe_tied(extra.state_dict())
+        for name, extra_state in extra_states.items():
+            extra_tensors, meta.setdefault("extra_aliases", {})[name] = _dedupe_tied(extra_state)
             save_safetensors(extra_tensors, tmp / f"{name}.safetensors")
         if optim_state is not None:
             optim_tensors, meta["optimizer"] = _split_optimizer_state(optim_state)
@@ -95,7 +97,7 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         tensors = load_file(path / f"{name}.safetensors")
         for alias, source in meta["extra_aliases"][name].items():
             tensors[alias] = tensors[source]
-        extra.load_state_dict(tensors)
+        set_state_dict(extra, [], model_state_dict=tensors, optim_state_dict={}, options=options)
     if restore_rng:
         if meta["world_size"] != world_size:
             raise ValueError(f"checkpoint was written by {meta['world_size']} rank(s), this run has {world_size}; "

@@ -192,26 +192,26 @@ class GDSOConfig:
     iterations: int = 1            # N: the reference policy is refreshed at the start of each
     steps_per_iteration: int = 10  # M batches per iteration
     updates_per_batch: int = 1     # K_gdso optimizer updates on each batch of rollouts (pi_old fixed)
-    max_new_tokens: int = 16
-    sample_temperature: float = 1.0  # sampling temperature; the ratio's and the KL's log-probs use it too
-    lambda_pt: float = 0.5
-    lambda_pw: float = 0.5
-    alpha_pt: float = 1.0
-    alpha_pw: float = 1.0
-    beta: float = 0.04
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    aggregation: str = "sequence"  # "sequence" | "token" | "sum" (Eq. 4 as written): see AGGREGATIONS
-    advantage_scale: str = "group"
-    advantage_eps: float = 1e-6    # Eq. 3's epsilon, added to the group's reward std
+    max_new_tokens: int = 16       # reasoning tokens sampled per output at most
+    sample_temperature: float = 1.0  # temperature of the rollout sampling; the ratio's and the KL's log-probs use it
+    lambda_pt: float = 0.5         # weight of the pointwise reward (Eq. 7) in Eq. 13
+    lambda_pw: float = 0.5         # weight of the pairwise reward (Eq. 10) in Eq. 13
+    alpha_pt: float = 1.0          # weight of the pointwise cross-entropy (Eq. 8) in Eq. 14
+    alpha_pw: float = 1.0          # weight of the pairwise gap loss (Eq. 11) in Eq. 14
+    beta: float = 0.04             # weight of the k3 KL to the reference policy (Eq. 4); 0: no reference
+    eps_low: float = 0.2           # lower clip range of the probability ratio
+    eps_high: float = 0.2          # upper clip range of the probability ratio
+    aggregation: str = "sequence"  # the surrogate over tokens: "sequence" (GRPO), "token" (DAPO), "sum" (Eq. 4)
+    advantage_scale: str = "group"  # Eq. 3's divisor: "group" std, "batch" std or "none" (Dr. GRPO)
+    advantage_eps: float = 1e-6    # Eq. 3's epsilon, added to the reward std
     policy_weight: float = 1.0     # weight of L_GRPO in Eq. 14 (0: the direct losses alone, no rollout rewards)
     reward_source: str = "expectation"  # Eq. 7/10 on the expected score (Eq. 6), or "parsed": on parsed_scores
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logprob_chunk: int = 256
-    policy_backend: str = "auto"
-    seed: int = 0
+    lr: float = 1e-5               # AdamW learning rate
+    weight_decay: float = 0.0      # AdamW weight decay
+    max_grad_norm: float = 1.0     # gradients clipped to this global norm
+    logprob_chunk: int = 256       # completion positions whose full-vocabulary logits are formed at once
+    policy_backend: str = "auto"   # the surrogate's kernel: "liger" (fused, CUDA), "chunked" or "auto"
+    seed: int = 0                  # data order and batches (and the run's LoRA init and evaluation sampling)
 
 
 def gdso_rewards_and_advantages(mu_w: torch.Tensor, mu_l: torch.Tensor, s_w: torch.Tensor, s_l: torch.Tensor,
@@ -306,10 +306,14 @@ class GDSOTrainer(TrainerBase):
 
     ``step()`` is sampling + :meth:`prepare_batch` + K x (:meth:`loss_from_rollouts` + optimizer step); the last
     two also take rollouts from elsewhere (tests, offline rollouts).
+
+    ``reference``: a model built and placed as the policy is (same parameter names), to hold pi_ref when ``beta``
+    > 0; its weights are copied from the policy at every refresh. Default: a deep copy of the policy, which an
+    FSDP2-sharded policy cannot make (give it a second sharded model).
     """
 
     def __init__(self, scorer, data, pairs, config: GDSOConfig | None = None, ctx: DistContext | None = None,
-                 engine="hf"):
+                 engine="hf", reference: torch.nn.Module | None = None):
         config = config or GDSOConfig()
         if config.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {config.aggregation!r}")
@@ -327,6 +331,10 @@ class GDSOTrainer(TrainerBase):
         self.score_min, self.score_max = vocab.score_min, vocab.score_max
         self.batches = dimension_batches(pairs, config.pairs_per_batch, config.seed, self.ctx.world_size)
         self.reference: torch.nn.Module | None = None
+        if reference is not None and [n for n, _ in reference.named_parameters()] != \
+                [n for n, _ in self.model.named_parameters()]:
+            raise ValueError("reference must have the policy's parameters (same names, same order)")
+        self.reference_model = reference
         self.engine = make_engine(engine, scorer)
 
     def default_steps(self) -> int:
@@ -428,9 +436,18 @@ class GDSOTrainer(TrainerBase):
     def refresh_reference(self) -> None:
         """Algorithm 1 line 3: pi_ref <- pi_theta (a frozen copy; skipped when ``beta`` is 0)."""
         if self.config.beta > 0:
-            self.reference = copy.deepcopy(unwrap_model(self.model)).eval().requires_grad_(False)
+            self.reference = self._policy_copy()
         else:
             self.reference = torch.nn.Identity()  # marks the iteration as started; never evaluated
+
+    def _policy_copy(self) -> torch.nn.Module:
+        """A frozen copy of the policy's current weights (in ``reference_model`` when one was given)."""
+        if self.reference_model is None:
+            return copy.deepcopy(unwrap_model(self.model)).eval().requires_grad_(False)
+        with torch.no_grad():
+            for target, source in zip(self.reference_model.parameters(), self.model.parameters()):
+                target.copy_(source)
+        return self.reference_model.eval().requires_grad_(False)
 
     def save(self, path):
         extras = {"reference": self.reference} if self.config.beta > 0 and self.reference is not None else None
@@ -438,7 +455,7 @@ class GDSOTrainer(TrainerBase):
 
     def load(self, path) -> None:
         if self.config.beta > 0:
-            self.reference = copy.deepcopy(unwrap_model(self.model)).eval().requires_grad_(False)
+            self.reference = self._policy_copy()
         super().load(path, {"reference": self.reference} if self.config.beta > 0 else None)
         if self.config.beta == 0:
             self.reference = torch.nn.Identity()

@@ -7,18 +7,19 @@ ones marked by ``requires_grad``, LoRA applied or not) and returns a :class:`Mem
 
 With ``P`` the parameter bytes, ``T`` the trainable parameter bytes, ``W`` the number of ranks:
 
-* **weights** - ``"none"`` / ``"ddp"``: ``P`` (every rank holds a replica). ``"fsdp2"`` (each decoder layer and
-  vision block one unit, then the root, as :func:`~zreward.training.distributed.wrap_model` shards):
-  ``P / W`` + the root's parameters in full (embeddings, LM head, final norm, vision patch embedding and merger:
-  FSDP2 keeps the root unsharded from forward to the end of backward) + two units unsharded (the one computing and
-  the one prefetched).
+* **weights** - ``"none"`` / ``"ddp"``: ``P`` (every rank holds a replica). ``"fsdp2"``, as
+  :func:`~zreward.training.distributed.wrap_scorer_model` shards (each decoder layer and vision block of the inner
+  model one unit, the inner model the root; the LM head, whose score rows the scorer reads directly, and anything
+  tied to it whole on every rank): ``(P - P_whole) / W`` + the root's parameters in full (embeddings, final norm,
+  vision patch embedding and merger: FSDP2 keeps the root unsharded from forward to the end of backward) + two
+  units unsharded (the one computing and the one prefetched) + ``P_whole``.
 * **gradients** - ``"none"``: ``T``; ``"ddp"``: ``2 T`` (the ``.grad`` tensors and DDP's flat all-reduce buckets);
-  ``"fsdp2"``: ``T / W`` + the root's trainable bytes + one unit's trainable bytes (unsharded before their
-  reduce-scatter; the root's only at the end of backward, so adding them to the activations' peak is an upper
-  bound).
+  ``"fsdp2"``: ``(T - T_whole) / W`` + the root's trainable bytes + one unit's trainable bytes (unsharded before
+  their reduce-scatter; the root's only at the end of backward, so adding them to the activations' peak is an upper
+  bound) + ``T_whole``.
 * **optimizer** - AdamW's ``exp_avg`` and ``exp_avg_sq`` per trainable parameter, in the parameter's dtype as
   ``torch.optim.AdamW`` allocates them (``optimizer_dtype`` overrides it, e.g. fp32 moments): ``2 x`` trainable
-  elements ``x`` state bytes, ``/ W`` under FSDP2.
+  elements ``x`` state bytes, ``/ W`` under FSDP2 except for the whole parameters' moments.
 * **activations** - what autograd keeps for backward in one step over ``batch_size`` sequences of ``seq_len``
   tokens (``N = batch_size x seq_len``), with ``b`` the bytes of the activation dtype (the embeddings' dtype) and
   ``f = 4`` (the fp32 intermediates of norms and of the linear attention). Per token and decoder layer:
@@ -148,27 +149,35 @@ def estimate_memory(model: torch.nn.Module, *, world_size: int, strategy: str, b
     trainable_params = sum(p.numel() for p in trainable)
     param_bytes = sum(_nbytes(p) for p in params)
     trainable_bytes = sum(_nbytes(p) for p in trainable)
-    state_bytes = sum(2 * p.numel() * (p.element_size() if optimizer_dtype is None else
-                                       torch.empty((), dtype=optimizer_dtype).element_size()) for p in trainable)
+    state_bytes = _state_bytes(trainable, optimizer_dtype)
     terms = {}
 
     if strategy == "fsdp2" and world_size > 1:
-        units = fsdp_units(model)
+        # As wrap_scorer_model shards: the inner model is the root unit, its blocks the units; what lies outside it
+        # (the LM head) and what it shares with the outside (tied embeddings) stays whole on every rank.
+        inner = base.model
+        inside = {id(module) for module in inner.modules()}
+        outside = {id(p) for module in model.modules() if id(module) not in inside
+                   for p in module.parameters(recurse=False)}
+        whole = [p for p in params if id(p) in outside]
+        units = fsdp_units(inner)
         in_units = {id(p) for unit in units for p in unit.parameters()}
-        root = [p for p in params if id(p) not in in_units]
-        root_bytes = sum(_nbytes(p) for p in root)
-        root_trainable = sum(_nbytes(p) for p in root if p.requires_grad)
-        unit_bytes = max((sum(_nbytes(p) for p in unit.parameters()) for unit in units), default=0)
-        unit_trainable = max((sum(_nbytes(p) for p in unit.parameters() if p.requires_grad) for unit in units),
-                             default=0)
-        weights = _ceil_div(param_bytes, world_size) + root_bytes + 2 * unit_bytes
-        gradients = _ceil_div(trainable_bytes, world_size) + root_trainable + unit_trainable
-        optimizer = _ceil_div(state_bytes, world_size)
-        terms["weights"] = (f"{_g(param_bytes)} / {world_size} + root {_g(root_bytes)} + 2 units x "
-                            f"{_g(unit_bytes)}")
-        terms["gradients"] = (f"{_g(trainable_bytes)} / {world_size} + root {_g(root_trainable)} + 1 unit "
-                              f"{_g(unit_trainable)}")
-        terms["optimizer"] = f"AdamW 2 moments {_g(state_bytes)} / {world_size}"
+        root = [p for p in params if id(p) not in in_units and id(p) not in outside]
+        whole_bytes, whole_trainable = _bytes(whole), _bytes(p for p in whole if p.requires_grad)
+        whole_state = _state_bytes([p for p in whole if p.requires_grad], optimizer_dtype)
+        root_bytes, root_trainable = _bytes(root), _bytes(p for p in root if p.requires_grad)
+        unit_bytes = max((_bytes(unit.parameters()) for unit in units), default=0)
+        unit_trainable = max((_bytes(p for p in unit.parameters() if p.requires_grad) for unit in units), default=0)
+        weights = _ceil_div(param_bytes - whole_bytes, world_size) + root_bytes + 2 * unit_bytes + whole_bytes
+        gradients = (_ceil_div(trainable_bytes - whole_trainable, world_size) + root_trainable + unit_trainable
+                     + whole_trainable)
+        optimizer = _ceil_div(state_bytes - whole_state, world_size) + whole_state
+        terms["weights"] = (f"{_g(param_bytes - whole_bytes)} / {world_size} + root {_g(root_bytes)} + 2 units x "
+                            f"{_g(unit_bytes)} + whole {_g(whole_bytes)}")
+        terms["gradients"] = (f"{_g(trainable_bytes - whole_trainable)} / {world_size} + root {_g(root_trainable)} "
+                              f"+ 1 unit {_g(unit_trainable)} + whole {_g(whole_trainable)}")
+        terms["optimizer"] = (f"AdamW 2 moments {_g(state_bytes - whole_state)} / {world_size} + whole "
+                              f"{_g(whole_state)}")
     else:
         weights, optimizer = param_bytes, state_bytes
         gradients = (2 if strategy == "ddp" and world_size > 1 else 1) * trainable_bytes
@@ -262,6 +271,16 @@ def _unique_parameters(model) -> list[torch.nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+def _bytes(tensors) -> int:
+    return sum(_nbytes(p) for p in tensors)
+
+
+def _state_bytes(trainable, optimizer_dtype) -> int:
+    """AdamW's two moments of the ``trainable`` parameters, in their dtype or ``optimizer_dtype``."""
+    return sum(2 * p.numel() * (p.element_size() if optimizer_dtype is None else
+                                torch.empty((), dtype=optimizer_dtype).element_size()) for p in trainable)
 
 
 def _nbytes(p: torch.Tensor) -> int:

@@ -28,15 +28,15 @@ CACHE_INDEX = "teacher_cache.json"
 class RISDConfig:
     """Algorithm 2 hyperparameters (JSON-serialisable; stored in checkpoints)."""
 
-    steps: int = 100             # M_dist
+    steps: int = 100             # M_dist: optimisation steps
     batch_size: int = 8          # images per rank per step; each is scored on every cached dimension
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    lr: float = 1e-4             # AdamW learning rate
+    weight_decay: float = 0.0    # AdamW weight decay
+    max_grad_norm: float = 1.0   # gradients clipped to this global norm
     teacher_samples: int = 1     # reasoning rollouts per (image, dimension); their q_T are averaged
-    teacher_max_new_tokens: int = 16
-    teacher_temperature: float = 1.0
-    seed: int = 0
+    teacher_max_new_tokens: int = 16  # teacher reasoning tokens per rollout at most
+    teacher_temperature: float = 1.0  # temperature of the teacher's rollout sampling
+    seed: int = 0                # data order (and the run's LoRA init and evaluation sampling)
 
 
 class TeacherCache:
