@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 import zr_kernels
-from zr_kernels._backend import _cuda_extension_available, interpreter_enabled
+from zr_kernels import cuda_extension_available, interpreter_enabled
 
 
 @dataclass
@@ -89,7 +89,7 @@ def triton_provider(fn: Callable, config: Config, name: str = "triton") -> Provi
 def cuda_ext_provider(fn: Callable, config: Config, name: str = "cuda") -> Provider:
     if not config.cuda:
         return Provider(name, skip="the CUDA extension needs a CUDA device")
-    if not _cuda_extension_available():
+    if not cuda_extension_available():
         return Provider(name, skip="zr_kernels CUDA extension not built (pip install -e . with nvcc)")
     return Provider(name, fn)
 

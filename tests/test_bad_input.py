@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import zr_kernels._validation as validation
-from zr_kernels import SliceKLLoss, linear_score, score_distribution, slice_kl
+from zr_kernels import SliceKLLoss, cuda_extension_available, linear_score, score_distribution, slice_kl
 from zr_kernels._validation import repeated_ids
 from zr_kernels.kernels import linear_score as ls_kernels
 from zr_kernels.kernels import score_distribution as sd_kernels
@@ -275,7 +275,7 @@ def test_cuda_ids_through_every_op(ids):
         assert bool(SliceKLLoss(ids, normalize).cuda()(logits, teacher).isnan())
     hidden = torch.randn(6, 16, device="cuda")
     for backend in ("triton", "cuda"):
-        if backend == "cuda" and not linear_score_cuda_built():
+        if backend == "cuda" and not cuda_extension_available():
             continue
         weight = torch.randn(50, 16, device="cuda", requires_grad=True)
         dist = linear_score(hidden, weight, [1.0, 2.0, 3.0], token_ids=ids, backend=backend)
@@ -285,11 +285,3 @@ def test_cuda_ids_through_every_op(ids):
         valid = [i for i in set(ids.tolist()) if 0 <= i < 50]
         others = [i for i in range(50) if i not in valid]
         assert bool(weight.grad[valid].isnan().all()) and bool((weight.grad[others] == 0).all())
-
-
-def linear_score_cuda_built() -> bool:
-    try:
-        from zr_kernels import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -7,7 +7,6 @@ import torch
 
 from zreward.deploy.engine import open_scorer
 from zreward.deploy.model_folder import METADATA_FILE, load_model_folder, rubric_version, save_model_folder
-from zreward.evaluate import load_scorer
 from zreward.experiments.demo import DemoConfig, run_demo, student_metrics
 from zreward.experiments.synthetic import SyntheticPreferences
 from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer
@@ -52,7 +51,8 @@ def test_missing_metadata_is_refused_naming_the_file(folder):
     (folder / METADATA_FILE).unlink()
     with pytest.raises(ValueError, match=rf"{METADATA_FILE} not found.*not a zreward model folder"):
         load_model_folder(folder)
-    assert load_scorer(folder).vocab.texts == [str(d) for d in range(1, 10)]  # evaluate accepts plain folders
+    # zreward evaluate accepts plain folders (the default vocabulary)
+    assert load_model_folder(folder, require_metadata=False).vocab.texts == [str(d) for d in range(1, 10)]
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -69,7 +69,7 @@ def test_mismatched_metadata_is_refused_naming_the_file(folder, changes, message
         load_model_folder(folder)
     assert str(folder / METADATA_FILE) in str(error.value)
     with pytest.raises(ValueError, match=message):  # a checked folder is checked by evaluate too
-        load_scorer(folder)
+        load_model_folder(folder, require_metadata=False)
 
 
 def test_malformed_metadata_and_bad_arguments(scorer, folder, tmp_path):

@@ -177,10 +177,10 @@ def test_teacher_rollouts_of_a_set_length():
 def test_cut_completion_at_written_answer_prefix(scorer):
     """The reasoning and the token that ended it: the written prefix's first token, the stop token, or none."""
     prefix, stop = scorer.prefix_ids, scorer.stop_ids[0]
-    assert scorer._cut_completion([5, 6, *prefix, 30, stop, 7]) == ([5, 6], prefix[0])
-    assert scorer._cut_completion([5, 6, stop, *prefix]) == ([5, 6], stop)
-    assert scorer._cut_completion([stop]) == ([], stop)
-    assert scorer._cut_completion([5, 6]) == ([5, 6], -1)
+    assert scorer.cut_completion([5, 6, *prefix, 30, stop, 7]) == ([5, 6], prefix[0])
+    assert scorer.cut_completion([5, 6, stop, *prefix]) == ([5, 6], stop)
+    assert scorer.cut_completion([stop]) == ([], stop)
+    assert scorer.cut_completion([5, 6]) == ([5, 6], -1)
 
 
 @pytest.mark.parametrize("call, error, match", [

@@ -83,7 +83,7 @@ def test_prefix_states_carry_over(case):
     images = _images(2, size, seed=5).requires_grad_()
     pixel_values, grid = preprocess_images(images, scorer.image_processor)
     texts = [chat_prompt(scorer.tokenizer, p, d) for p in PROMPTS for d in DIMENSIONS]
-    rows = [scorer.tokenizer.encode(t, add_special_tokens=False) for t in scorer._expand_images(texts, grid, 4)]
+    rows = [scorer.tokenizer.encode(t, add_special_tokens=False) for t in scorer.expand_image_tokens(texts, grid, 4)]
     shared_length = split_rows(rows, 4, 0, scorer.image_token_id).prefix.shape[1]
     rows = [row[:shared_length + 2 + i % 4] for i, row in enumerate(rows)]
     hidden = shared_prefix_hidden(scorer.model, split_rows(rows, 4, 0, scorer.image_token_id), pixel_values, grid)

@@ -45,7 +45,7 @@ def resolve_backend(op: str, requested: str | None, device: torch.device, fused=
         if device.type != "cuda":
             return "reference"
         for name in fused:
-            if name != "cuda" or _cuda_extension_available():
+            if name != "cuda" or cuda_extension_available():
                 return name
         return "reference"
     if choice == "reference":
@@ -60,12 +60,13 @@ def resolve_backend(op: str, requested: str | None, device: torch.device, fused=
     if choice == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' for {op} needs CUDA tensors, got {device.type} tensors")
-        if not _cuda_extension_available():
+        if not cuda_extension_available():
             raise ValueError(f"backend='cuda' for {op}: the zr_kernels CUDA extension is not built")
     return choice
 
 
-def _cuda_extension_available() -> bool:
+def cuda_extension_available() -> bool:
+    """Whether the CUDA extension ``zr_kernels._C`` was built with this install (it imports without a GPU)."""
     try:
         from zr_kernels import _C  # noqa: F401
     except ImportError:

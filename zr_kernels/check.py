@@ -31,6 +31,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from zr_kernels._backend import cuda_extension_available, interpreter_enabled
+
 # Absolute slack per input dtype for the three-way rule (values are fp32 statistics of O(1) size).
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float64: 1e-10}
 GRAD_ATOL_FACTOR = 10  # gradients are sums of products of outputs: allow them ten times the outputs' slack
@@ -263,7 +265,7 @@ def _linear_score_cases(dtype, device, sizes):
 
 
 def _linear_score_backends(device: torch.device) -> list[str]:
-    return ["triton"] + (["cuda"] if device.type == "cuda" and _extension_built() else [])
+    return ["triton"] + (["cuda"] if device.type == "cuda" and cuda_extension_available() else [])
 
 
 def _shape(names: str, size) -> str:
@@ -272,14 +274,6 @@ def _shape(names: str, size) -> str:
 
 def _product(a, b):
     return [(x, y) for x in a for y in b]
-
-
-def _extension_built() -> bool:
-    try:
-        from zr_kernels import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _bad_id_rows(device) -> list[Row]:
@@ -398,19 +392,17 @@ def format_row(row: Row) -> str:
 def header(device: torch.device) -> list[str]:
     import triton
 
-    from zr_kernels._backend import interpreter_enabled
-
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
         where = f"{name} (sm {capability}), CUDA {torch.version.cuda}"
-        path = "Triton kernels compiled for this GPU" + (" and the CUDA extension" if _extension_built() else "")
+        path = "Triton kernels compiled for this GPU" + (" and the CUDA extension" if cuda_extension_available() else "")
     else:
         where = f"CPU ({platform.machine()}), no CUDA device"
         path = "Triton kernels in the interpreter (TRITON_INTERPRET=1), small shapes only"
     return [f"zr_kernels.check: {where}",
             f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}",
-            f"CUDA extension built: {'yes' if _extension_built() else 'no'}; path checked: {path}"
+            f"CUDA extension built: {'yes' if cuda_extension_available() else 'no'}; path checked: {path}"
             + ("" if device.type == "cuda" or interpreter_enabled() else " [interpreter NOT enabled]")]
 
 
@@ -422,8 +414,6 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
     args = parser.parse_args(argv)
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    from zr_kernels._backend import interpreter_enabled
-
     if not on_gpu and not interpreter_enabled():
         # Triton reads TRITON_INTERPRET when it is imported, which importing zr_kernels already did.
         print("zr_kernels.check: no CUDA device; re-running with TRITON_INTERPRET=1 (the Triton interpreter)",

@@ -7,7 +7,7 @@ import torch
 
 from zr_kernels import reference
 from zr_kernels._backend import fused_op, note, resolve_backend
-from zr_kernels._validation import as_int, check_choice, check_float_in, check_float_tensor
+from zr_kernels.checks import as_int, check_choice, check_float_in, check_float_tensor
 from zr_kernels.kernels.group_advantages import SCALES, group_advantages_fwd
 
 

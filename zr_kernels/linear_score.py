@@ -14,8 +14,8 @@ from torch import nn
 from zr_kernels import reference
 from zr_kernels._backend import Kernel, fused_op, note, resolve_backend
 from zr_kernels._types import ScoreDist, stats_dtype
-from zr_kernels._validation import (as_token_ids, as_values, check_float_tensor, check_positive_float,
-                                    check_same_device, check_target)
+from zr_kernels.checks import check_float_tensor, check_positive_float, check_same_device
+from zr_kernels._validation import as_token_ids, as_values, check_target
 from zr_kernels.kernels import linear_score as triton_launchers
 from zr_kernels.kernels import linear_score_cuda as cuda_launchers
 

@@ -8,8 +8,8 @@ import torch
 from zr_kernels import reference
 from zr_kernels._backend import Kernel, fused_op, note, resolve_backend
 from zr_kernels._types import PairGap, stats_dtype
-from zr_kernels._validation import (check_choice, check_float_in, check_float_tensor, check_positive_float,
-                                    check_same_device, check_shape)
+from zr_kernels.checks import (check_choice, check_float_in, check_float_tensor, check_positive_float,
+                               check_same_device, check_shape)
 from zr_kernels.kernels.pairwise_gap import MAX_GROUP_SIZE, gdso_rewards_fwd, pairwise_gap_bwd, pairwise_gap_fwd
 
 

@@ -8,8 +8,8 @@ import torch
 from zr_kernels import reference
 from zr_kernels._backend import Kernel, fused_op, note, resolve_backend
 from zr_kernels._types import ScoreDist, stats_dtype
-from zr_kernels._validation import (as_token_ids, as_values, check_float_tensor, check_positive_float, check_target,
-                                    ids_on_device, repeated_ids)
+from zr_kernels.checks import check_float_tensor, check_positive_float
+from zr_kernels._validation import as_token_ids, as_values, check_target, ids_on_device, repeated_ids
 from zr_kernels.kernels.score_distribution import score_distribution_bwd, score_distribution_fwd
 
 

@@ -8,10 +8,9 @@ from torch import nn
 
 from zr_kernels import reference
 from zr_kernels._backend import Kernel, fused_op, note, resolve_backend
-from zr_kernels._validation import (
-    as_token_ids, check_choice, check_float_in, check_float_tensor, check_positive_float, check_same_device,
-    check_shape, ids_on_device, repeated_ids,
-)
+from zr_kernels.checks import (check_choice, check_float_in, check_float_tensor, check_positive_float,
+                               check_same_device, check_shape)
+from zr_kernels._validation import as_token_ids, ids_on_device, repeated_ids
 from zr_kernels.kernels.slice_kl import slice_kl_bwd, slice_kl_fwd
 from zr_kernels.reference.slice_kl import REDUCTIONS, reduce_rows
 

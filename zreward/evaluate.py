@@ -77,13 +77,6 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def load_scorer(model_dir, device: str = "cpu", dtype: str = "float32",
-                attn_implementation: str = "sdpa") -> RewardScorer:
-    """A ``RewardScorer`` on a model folder (its score vocabulary checked) or on a plain ``save_pretrained``
-    folder of model, tokenizer and image processor (default score vocabulary)."""
-    return load_model_folder(model_dir, device, dtype, attn_implementation, require_metadata=False)
-
-
 def run(args) -> int:
     if args.batch_size < 1:
         raise SystemExit(f"zreward evaluate: --batch-size must be positive, got {args.batch_size}")
@@ -92,7 +85,8 @@ def run(args) -> int:
         records = [r for r in records if r.dimension in args.dimension]
     if not records:
         raise SystemExit(f"zreward evaluate: no records in {args.data} (split={args.split}, dimension={args.dimension})")
-    scorer = load_scorer(args.model, args.device, args.dtype, args.attn_implementation)
+    # A model folder (its score vocabulary checked), or a plain save_pretrained folder (the default vocabulary).
+    scorer = load_model_folder(args.model, args.device, args.dtype, args.attn_implementation, require_metadata=False)
     result = evaluate_records(scorer, records, args.batch_size, progress=not args.quiet)
     print(format_table(result["metrics"]))
     if args.output:

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from zreward.deploy.client import RewardClient, RewardError, check_prompts
+from zreward.deploy.client import RewardClient, RewardError
+from zreward.scoring.rubric import check_prompts
 from zreward.deploy.engine import Scoring, open_scorer, score_images
 from zreward.deploy.images import split_images, to_float_chw
 

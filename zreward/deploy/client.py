@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from zreward.deploy.engine import Scoring
 from zreward.deploy.images import encode_image, split_images
+from zreward.scoring.rubric import check_prompts
 
 APIS = ("zreward", "openai")
 RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -32,15 +33,6 @@ OVERLOADED = (429, 503)
 
 class RewardError(RuntimeError):
     """A request refused by the service, or not answered by any replica within the retries."""
-
-
-def check_prompts(prompts, count: int) -> list[str]:
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must be a sequence of strings, one per image")
-    prompts = list(prompts)
-    if len(prompts) != count:
-        raise ValueError(f"prompts must hold one prompt per image: got {len(prompts)} prompts for {count} images")
-    return prompts
 
 
 @dataclass

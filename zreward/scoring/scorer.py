@@ -18,9 +18,9 @@ import torch
 
 import zr_kernels
 from zr_kernels import ScoreDist
-from zr_kernels._validation import as_token_ids, check_choice, check_positive_float
+from zr_kernels.checks import check_choice, check_positive_float
 from zreward.scoring.image_processing import num_image_tokens, preprocess_images
-from zreward.scoring.rubric import ANSWER_PREFIX, DIMENSIONS, chat_prompt, check_dimension
+from zreward.scoring.rubric import ANSWER_PREFIX, DIMENSIONS, chat_prompt, check_dimension, check_prompts
 from zreward.scoring.shared_prefix import check_supported, shared_prefix_hidden, split_rows
 from zreward.scoring.vocab import ScoreVocab
 
@@ -120,7 +120,7 @@ class RewardScorer:
         differentiable w.r.t. ``images`` and the model's parameters. Equal to running every prompt on its own.
         """
         temperature = check_positive_float("temperature", temperature)
-        return _reshape(self.score_distribution(self.student_hidden(images, prompts, dimensions),
+        return reshape_scores(self.score_distribution(self.student_hidden(images, prompts, dimensions),
                                                 temperature=temperature), (len(prompts), len(dimensions)))
 
     def student_hidden(self, images: torch.Tensor, prompts: Sequence[str],
@@ -129,11 +129,11 @@ class RewardScorer:
         what :meth:`student_scores` feeds the score head. Trainers that need the score logits themselves (RISD's
         KL) apply :meth:`score_logits` to it."""
         dimensions = [check_dimension(d) for d in dimensions]
-        prompts = _check_prompts(prompts, images)
+        prompts = check_prompts(prompts, len(images))
         pixel_values, grid = preprocess_images(images, self.image_processor)
         num_dims = len(dimensions)
         texts = [chat_prompt(self.tokenizer, p, d) for p in prompts for d in dimensions]
-        rows = [self.tokenizer.encode(t, add_special_tokens=False) for t in self._expand_images(texts, grid, num_dims)]
+        rows = [self.tokenizer.encode(t, add_special_tokens=False) for t in self.expand_image_tokens(texts, grid, num_dims)]
         split = split_rows(rows, num_dims, self.tokenizer.pad_token_id, self.image_token_id)
         return shared_prefix_hidden(_base(self.model), split, pixel_values, grid)
 
@@ -147,7 +147,7 @@ class RewardScorer:
         tokens back for that many steps (benchmarks use it for reasoning of a set length).
         """
         check_dimension(dimension)
-        prompts = _check_prompts(prompts, images)
+        prompts = check_prompts(prompts, len(images))
         temperature = check_positive_float("temperature", temperature)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -158,21 +158,21 @@ class RewardScorer:
             raise ValueError(f"min_new_tokens must be an int in [0, max_new_tokens], got {min_new_tokens!r}")
         pixel_values, grid = preprocess_images(images, self.image_processor)
         texts = [chat_prompt(self.tokenizer, p, dimension, reasoning=True) for p in prompts]
-        prompt_rows = [self.tokenizer.encode(t, add_special_tokens=False) for t in self._expand_images(texts, grid, 1)]
+        prompt_rows = [self.tokenizer.encode(t, add_special_tokens=False) for t in self.expand_image_tokens(texts, grid, 1)]
         prompt_rows = [row for row in prompt_rows for _ in range(num_samples)]
         row_pixels, row_grid = _repeat_images(pixel_values, grid, num_samples)
 
-        prompts_batch = self._left_pad(prompt_rows)
+        prompts_batch = self.pad_left(prompt_rows)
         generated = self.model.generate(
             **prompts_batch, pixel_values=row_pixels, image_grid_thw=row_grid, do_sample=True,
             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids,
             suppress_tokens=self.vision_token_ids,
         )[:, prompts_batch["input_ids"].shape[1]:]
-        completions, end_tokens = self._cut_completions(generated.tolist())
+        completions, end_tokens = self.cut_completions(generated.tolist())
 
         rows = [p + c + self.prefix_ids for p, c in zip(prompt_rows, completions)]
-        batch = self._right_pad(rows)
+        batch = self.pad_right(rows)
         completion_mask = torch.zeros_like(batch["attention_mask"])
         for i, (p, c) in enumerate(zip(prompt_rows, completions)):
             completion_mask[i, len(p):len(p) + len(c)] = 1
@@ -182,7 +182,7 @@ class RewardScorer:
         return Rollouts(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], completion_mask=completion_mask,
             mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=row_pixels, image_grid_thw=row_grid,
-            score_positions=score_positions, scores=_reshape(scores, (len(prompts), num_samples)),
+            score_positions=score_positions, scores=reshape_scores(scores, (len(prompts), num_samples)),
             completions=self.tokenizer.batch_decode(completions), num_samples=num_samples,
             end_tokens=torch.tensor(end_tokens, dtype=torch.int64, device=batch["input_ids"].device),
         )
@@ -206,7 +206,7 @@ class RewardScorer:
         token_logprobs = hidden.new_zeros(rollouts.input_ids.shape, dtype=torch.float32)
         token_logprobs[:, 1:] = token_logprobs[:, 1:].masked_scatter(target_mask, picked)
         batch_size = hidden.shape[0] // rollouts.num_samples
-        return token_logprobs, _reshape(scores, (batch_size, rollouts.num_samples))
+        return token_logprobs, reshape_scores(scores, (batch_size, rollouts.num_samples))
 
     # -- shared pieces ---------------------------------------------------------------------------------------
     def lm_head_weight(self, model=None) -> torch.Tensor:
@@ -226,8 +226,7 @@ class RewardScorer:
         """The K score logits ``[N, K]`` of ``hidden [N, D]``: ``hidden @ W[score_ids].T``, gathering the K rows
         of the LM head rather than forming all V logits (for losses on the logits, e.g. RISD's slice KL)."""
         weight = self.lm_head_weight(model)
-        ids = as_token_ids(self.vocab.token_ids, weight.shape[0], weight.device)  # converted once per device
-        return torch.nn.functional.linear(hidden, weight[ids])
+        return torch.nn.functional.linear(hidden, weight[self.vocab.token_ids_on(weight.device)])
 
     def last_hidden(self, batch: dict, pixel_values, image_grid_thw, positions: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden state ``[N, D]`` at ``positions[n]`` of each row (the LM head is not applied)."""
@@ -244,7 +243,7 @@ class RewardScorer:
             kwargs["mm_token_type_ids"] = batch["mm_token_type_ids"]
         return inner(**kwargs).last_hidden_state
 
-    def _expand_images(self, texts: list[str], grid: torch.Tensor, rows_per_image: int) -> list[str]:
+    def expand_image_tokens(self, texts: list[str], grid: torch.Tensor, rows_per_image: int) -> list[str]:
         """Replace each text's single image placeholder by one token per merged patch of its image."""
         counts = num_image_tokens(grid, self.image_processor.merge_size)
         expanded = []
@@ -254,10 +253,10 @@ class RewardScorer:
             expanded.append(text.replace(self.image_token, self.image_token * counts[i // rows_per_image]))
         return expanded
 
-    def _right_pad(self, rows: list[list[int]]) -> dict:
+    def pad_right(self, rows: list[list[int]]) -> dict:
         return self._pad(rows, left=False)
 
-    def _left_pad(self, rows: list[list[int]]) -> dict:
+    def pad_left(self, rows: list[list[int]]) -> dict:
         return self._pad(rows, left=True)
 
     def _pad(self, rows: list[list[int]], left: bool) -> dict:
@@ -273,12 +272,12 @@ class RewardScorer:
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
                 "mm_token_type_ids": mm_token_type_ids.to(device)}
 
-    def _cut_completions(self, samples: list[list[int]]) -> tuple[list[list[int]], list[int]]:
-        """Each sample's reasoning (:meth:`_cut_completion`) and the token that ended it (-1: none)."""
-        cut = [self._cut_completion(tokens) for tokens in samples]
+    def cut_completions(self, samples: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+        """Each sample's reasoning (:meth:`cut_completion`) and the token that ended it (-1: none)."""
+        cut = [self.cut_completion(tokens) for tokens in samples]
         return [c for c, _ in cut], [end for _, end in cut]
 
-    def _cut_completion(self, tokens: list[int]) -> tuple[list[int], int]:
+    def cut_completion(self, tokens: list[int]) -> tuple[list[int], int]:
         """Tokens before the first stop token, or before the answer prefix when the model wrote it itself, and the
         token that ended them: that stop token, the prefix's first token, or -1 when neither occurs (the sample
         ran to the token limit)."""
@@ -302,16 +301,6 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return sorted(set(eos) | {tokenizer.eos_token_id} - {None})
 
 
-def _check_prompts(prompts, images) -> list[str]:
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must be a sequence of strings, one per image")
-    prompts = list(prompts)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(prompts) != images.shape[0]:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"prompts must hold one prompt per image: got {len(prompts)} prompts for images {shape}")
-    return prompts
-
-
 def _repeat_images(pixel_values: torch.Tensor, grid: torch.Tensor, times: int):
     """Per-row vision inputs: each image's patches (same count for all images) repeated ``times`` times."""
     batch = grid.shape[0]
@@ -319,6 +308,7 @@ def _repeat_images(pixel_values: torch.Tensor, grid: torch.Tensor, times: int):
     return per_image.repeat_interleave(times, 0).reshape(-1, pixel_values.shape[-1]), grid.repeat_interleave(times, 0)
 
 
-def _reshape(dist: ScoreDist, lead: tuple[int, ...]) -> ScoreDist:
+def reshape_scores(dist: ScoreDist, lead: tuple[int, ...]) -> ScoreDist:
+    """``dist`` with its rows viewed as ``lead`` (``[B * D]`` rows as ``[B, D]``: probs ``[B, D, K]``)."""
     return ScoreDist(dist.probs.view(*lead, -1), dist.mean.view(lead), dist.std.view(lead),
                      None if dist.nll is None else dist.nll.view(lead))

@@ -9,7 +9,7 @@ tokens in Qwen vocabularies), which is why the answer prefix ends with the space
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ class ScoreVocab:
     texts: list[str]
     token_ids: list[int]
     values: torch.Tensor
+    _ids_by_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, texts: Sequence[str] = DEFAULT_SCORE_TEXTS,
@@ -43,6 +44,14 @@ class ScoreVocab:
         if len(set(token_ids)) != len(token_ids):
             raise ValueError(f"score texts {texts} must map to distinct tokens, got ids {token_ids}")
         return cls(texts, token_ids, torch.tensor(values, dtype=torch.float32))
+
+    def token_ids_on(self, device: torch.device) -> torch.Tensor:
+        """``token_ids`` as an int64 tensor on ``device``, copied there once (a copy per call would be a host-to-device
+        transfer on every training step)."""
+        device = torch.device(device)
+        if device not in self._ids_by_device:
+            self._ids_by_device[device] = torch.tensor(self.token_ids, dtype=torch.int64, device=device)
+        return self._ids_by_device[device]
 
     @property
     def num_bins(self) -> int:

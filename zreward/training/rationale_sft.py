@@ -52,9 +52,9 @@ def written_batch(scorer, images: torch.Tensor, prompts, dimension: str, rationa
     pixel_values, grid = preprocess_images(images, scorer.image_processor)
     texts = [chat_prompt(tokenizer, p, dimension, reasoning=True) for p in prompts]
     # the scorer's own placeholder expansion and padding, so rows match its sampled rollouts token for token
-    prompt_rows = [tokenizer.encode(t, add_special_tokens=False) for t in scorer._expand_images(texts, grid, 1)]
+    prompt_rows = [tokenizer.encode(t, add_special_tokens=False) for t in scorer.expand_image_tokens(texts, grid, 1)]
     written = [tokenizer.encode(r, add_special_tokens=False) for r in rationales]
-    batch = scorer._right_pad([p + w + scorer.prefix_ids for p, w in zip(prompt_rows, written)])
+    batch = scorer.pad_right([p + w + scorer.prefix_ids for p, w in zip(prompt_rows, written)])
     width = max(len(w) for w in written) + 1
     positions = torch.ones(len(written), width, dtype=torch.int64)  # padding slots point at position 1, masked
     targets = torch.full((len(written), width), tokenizer.pad_token_id, dtype=torch.int64)
