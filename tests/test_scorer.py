@@ -185,7 +185,7 @@ def test_cut_completion_at_written_answer_prefix(scorer):
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda s: s.student_scores(_images(), ["one prompt"]), ValueError, "one prompt per image"),
-    (lambda s: s.student_scores(torch.rand(2, 3, 64), PROMPTS), ValueError, "one prompt per image"),
+    (lambda s: s.student_scores(torch.rand(2, 3, 64), PROMPTS), ValueError, "images must have 4 dimension"),
     (lambda s: s.student_scores(_images(), "a cat"), TypeError, "sequence of strings"),
     (lambda s: s.student_scores(_images(), PROMPTS, ("sharpness",)), ValueError, "dimension must be one of"),
     (lambda s: s.student_scores(_images(), PROMPTS, temperature=0.0), ValueError, "temperature"),

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import zr_kernels
 from zr_kernels import ScoreDist
-from zr_kernels.checks import check_positive_float
+from zr_kernels.checks import check_float_tensor, check_positive_float
 from zreward.engines.base import EngineUnavailable, InferenceEngine
 from zreward.scoring.image_processing import preprocess_images, target_size
 from zreward.scoring.rubric import DIMENSIONS, chat_prompt, check_dimension, check_prompts
@@ -193,7 +193,8 @@ class VLLMEngine(InferenceEngine):
         """``RewardScorer.student_scores`` without gradients: one request per (image, dimension), read at the
         answer prefix; an image's requests share their prompt prefix (cached whole blocks)."""
         dimensions = [check_dimension(d) for d in dimensions]
-        prompts = check_prompts(prompts, len(images))
+        check_float_tensor("images", images, ndim=4)  # [B, 3, H, W]
+        prompts = check_prompts(prompts, images.shape[0])
         _, pil = self._engine_images(images)
         texts = [chat_prompt(self.tokenizer, p, d) for p in prompts for d in dimensions]
         requests = [self._request(self._encode(t), pil[i // len(dimensions)]) for i, t in enumerate(texts)]
@@ -205,7 +206,8 @@ class VLLMEngine(InferenceEngine):
         ``scores`` are vLLM's distributions at the score positions, the rest is laid out for the HF scorer."""
         scorer = self._require_scorer("teacher_rollouts")
         check_dimension(dimension)
-        prompts = check_prompts(prompts, len(images))
+        check_float_tensor("images", images, ndim=4)  # [B, 3, H, W]
+        prompts = check_prompts(prompts, images.shape[0])
         temperature = check_positive_float("temperature", temperature)
         _check_count("num_samples", num_samples, 1)
         _check_count("max_new_tokens", max_new_tokens, 1)

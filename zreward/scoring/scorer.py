@@ -18,7 +18,7 @@ import torch
 
 import zr_kernels
 from zr_kernels import ScoreDist
-from zr_kernels.checks import check_choice, check_positive_float
+from zr_kernels.checks import check_choice, check_float_tensor, check_positive_float
 from zreward.scoring.image_processing import num_image_tokens, preprocess_images
 from zreward.scoring.rubric import ANSWER_PREFIX, DIMENSIONS, chat_prompt, check_dimension, check_prompts
 from zreward.scoring.shared_prefix import check_supported, shared_prefix_hidden, split_rows
@@ -129,7 +129,8 @@ class RewardScorer:
         what :meth:`student_scores` feeds the score head. Trainers that need the score logits themselves (RISD's
         KL) apply :meth:`score_logits` to it."""
         dimensions = [check_dimension(d) for d in dimensions]
-        prompts = check_prompts(prompts, len(images))
+        check_float_tensor("images", images, ndim=4)  # [B, 3, H, W]
+        prompts = check_prompts(prompts, images.shape[0])
         pixel_values, grid = preprocess_images(images, self.image_processor)
         num_dims = len(dimensions)
         texts = [chat_prompt(self.tokenizer, p, d) for p in prompts for d in dimensions]
@@ -147,7 +148,8 @@ class RewardScorer:
         tokens back for that many steps (benchmarks use it for reasoning of a set length).
         """
         check_dimension(dimension)
-        prompts = check_prompts(prompts, len(images))
+        check_float_tensor("images", images, ndim=4)  # [B, 3, H, W]
+        prompts = check_prompts(prompts, images.shape[0])
         temperature = check_positive_float("temperature", temperature)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
