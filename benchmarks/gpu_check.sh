@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The checks a GPU session owes the project, as one prepared command (device time is short: a bare machine, a
-# few minutes, no network). Usage, from the repo root:
+# Every GPU check of the project as one prepared command, for a GPU machine with little time to spare (a bare
+# machine, a few minutes, no network). Usage, from the repo root:
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [check] [tests] [bench] [scoring]     (default: all four)
 #
@@ -11,8 +11,8 @@
 #
 # Wheels the GPU image lacks (liger-kernel, diffusers, fla-core; benchmarks/README.md says which and how to fetch
 # them) are installed from .whl/ when it exists. Every step writes OUT_DIR/<step>.log and its exit status to
-# OUT_DIR/status; a failed step does not stop the next. The limits keep each group, with the build, under the
-# device tool's 10 minutes per call. OUT_DIR/results/<device>.md is the table for the README.
+# OUT_DIR/status; a failed step does not stop the next. The limits keep each group, with the build, under 10
+# minutes. OUT_DIR/results/<device>.md is the table for the README.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [check] [tests] [bench] [scoring]}

@@ -285,7 +285,7 @@ def test_bad_inputs_raise_before_launch(override, error, word):
     assert ran == []
 
 
-# GPU only: the CUDA extension itself (a GPU session runs the whole file; the tests above then run natively).
+# GPU only: the CUDA extension itself (on a GPU machine the whole file runs; the tests above then run natively).
 
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
