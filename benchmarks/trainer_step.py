@@ -12,12 +12,12 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from benchmarks.saved_memory import SavedBytes
 from zreward.experiments.demo import DemoConfig
-from zreward.experiments.synthetic import SyntheticPreferences
 from zreward.experiments.tiny_models import STUDENT_CONFIG, TEACHER_CONFIG, tiny_scorer
 from zreward.training.gdso import GDSOConfig, GDSOTrainer
 from zreward.training.risd import RISDTrainer, TeacherCache
@@ -45,7 +45,7 @@ def measure(trainer, model: torch.nn.Module, repeats: int) -> dict:
 def run(repeats: int, device: str, seed: int = 0) -> dict:
     demo = DemoConfig()
     torch.manual_seed(seed)
-    data = SyntheticPreferences(demo.train_prompts, demo.candidates, demo.image_size, seed=seed, spread=demo.spread)
+    data = replace(demo, seed=seed).data()
     dev = torch.device(device)
     teacher = tiny_scorer(seed, TEACHER_CONFIG, dev)
     student = tiny_scorer(seed + 1, STUDENT_CONFIG, dev)

@@ -1,27 +1,43 @@
-"""``zreward demo`` smoke test: a seconds-long configuration writes its PNG and JSON with finite metrics."""
+"""``zreward demo``: a seconds-long configuration writes its PNG and JSON with finite metrics; ``--seeds`` writes the
+mean ± sd over seeds; and on a shortened run at CI size both models learn (held-out metrics above where they
+started, on two seeds)."""
 import json
 import math
 
+import pytest
+
 from zreward.cli import build_parser
-from zreward.experiments.demo import DemoConfig, run_demo
+from zreward.experiments.demo import DemoConfig, run_demo, run_demo_seeds
 from zreward.training.gdso import GDSOConfig
 from zreward.training.risd import RISDConfig
 
 
 def test_cli_registers_demo():
-    args = build_parser().parse_args(["demo", "--steps", "3", "--output-dir", "x", "--seed", "2", "--device", "cpu"])
-    assert (args.steps, args.output_dir, args.seed, args.device) == (3, "x", 2, "cpu")
+    args = build_parser().parse_args(["demo", "--steps", "3", "--output-dir", "x", "--seed", "2", "--device", "cpu",
+                                      "--seeds", "4", "--threads", "1"])
+    assert (args.steps, args.output_dir, args.seed, args.device, args.seeds, args.threads) == (3, "x", 2, "cpu", 4, 1)
     assert callable(args.run)
+    defaults = build_parser().parse_args(["demo"])
+    assert (defaults.seeds, defaults.threads) == (1, None)
+
+
+@pytest.mark.parametrize("argv, named", [(["--seeds", "0"], "--seeds"), (["--threads", "two"], "--threads")])
+def test_bad_arguments_name_the_argument(argv, named, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", *argv])
+    assert f"argument {named}" in capsys.readouterr().err
+
+
+def _tiny(output_dir, **overrides) -> DemoConfig:
+    return DemoConfig(
+        steps=1, train_prompts=2, eval_prompts=2, candidates=3, image_size=32, output_dir=str(output_dir),
+        gdso=GDSOConfig(group_size=2, pairs_per_batch=1, max_new_tokens=2, steps_per_iteration=1),
+        risd=RISDConfig(batch_size=2, teacher_max_new_tokens=2), **overrides)
 
 
 def test_tiny_demo_runs_end_to_end(tmp_path):
-    config = DemoConfig(
-        steps=1, train_prompts=2, eval_prompts=2, candidates=3, image_size=32, output_dir=str(tmp_path),
-        gdso=GDSOConfig(group_size=2, pairs_per_batch=1, max_new_tokens=2, steps_per_iteration=1),
-        risd=RISDConfig(batch_size=2, teacher_max_new_tokens=2),
-    )
     lines = []
-    summary = run_demo(config, log=lines.append)
+    summary = run_demo(_tiny(tmp_path, risd_steps_per_gdso_step=2), log=lines.append)
     assert (tmp_path / "training_curves.png").stat().st_size > 0
     assert json.loads((tmp_path / "summary.json").read_text())["stages"] == summary["stages"]
     assert (tmp_path / "teacher_cache" / "teacher_cache.safetensors").exists()
@@ -32,3 +48,19 @@ def test_tiny_demo_runs_end_to_end(tmp_path):
             assert math.isfinite(metrics[key]), key
     assert len(summary["gdso_history"]) == 1 and len(summary["risd_history"]) == 2
     assert any("student after RISD" in line for line in lines)
+
+
+def test_seeds_write_each_run_and_the_mean_and_sd(tmp_path):
+    lines = []
+    result = run_demo_seeds(_tiny(tmp_path, seed=3), 2, log=lines.append)
+    assert result["seeds"] == [3, 4]
+    written = json.loads((tmp_path / "seeds.json").read_text())
+    assert written["mean_sd"] == result["mean_sd"]
+    for seed in (3, 4):
+        assert (tmp_path / f"seed-{seed}" / "summary.json").exists()
+    runs = [json.loads((tmp_path / f"seed-{seed}" / "summary.json").read_text())["stages"] for seed in (3, 4)]
+    for stage, stats in result["mean_sd"].items():
+        values = [run[stage]["hpa"] for run in runs]
+        assert stats["hpa"]["mean"] == pytest.approx(sum(values) / 2)
+        assert stats["hpa"]["sd"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    assert any(line.strip().startswith("teacher_after") and "±" in line for line in lines)

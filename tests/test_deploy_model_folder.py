@@ -8,7 +8,6 @@ import torch
 from zreward.deploy.engine import open_scorer
 from zreward.deploy.model_folder import METADATA_FILE, load_model_folder, rubric_version, save_model_folder
 from zreward.experiments.demo import DemoConfig, run_demo, student_metrics
-from zreward.experiments.synthetic import SyntheticPreferences
 from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer
 from zreward.training.gdso import GDSOConfig
 from zreward.training.risd import RISDConfig
@@ -112,8 +111,7 @@ def test_demo_model_folders_score_as_the_trained_models(tmp_path):
         risd=RISDConfig(batch_size=2, teacher_max_new_tokens=2),
     )
     summary = run_demo(config, log=lambda _: None)
-    held_out = SyntheticPreferences(config.eval_prompts, config.candidates, config.image_size, seed=config.seed + 1,
-                                    spread=config.spread)
+    held_out = config.data(held_out=True)
     student = load_model_folder(tmp_path / "student")
     metrics = student_metrics(student, held_out, torch.device("cpu"))
     for key in ("plcc", "srcc", "hpa"):

@@ -67,6 +67,9 @@ class AblationConfig:
     candidates: int = _DEMO.candidates
     image_size: int = _DEMO.image_size
     spread: int | None = _DEMO.spread
+    level_choices: tuple[int, ...] = _DEMO.level_choices
+    annotators: int = _DEMO.annotators
+    annotator_noise: float = _DEMO.annotator_noise
     eval_teacher_samples: int = _DEMO.eval_teacher_samples
     # The demo's trainer settings. Its KL to the reference matters here: on seed 0 the demo's GDSO reached held-out
     # HPA 0.93 in 200 steps, and the same run with beta 0 ended at 0.69 (one-sample evaluations, seed 0).

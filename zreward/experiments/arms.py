@@ -11,9 +11,8 @@ from dataclasses import replace
 
 import torch
 
-from zreward.experiments.demo import student_metrics, teacher_engine, teacher_metrics
+from zreward.experiments.demo import DemoConfig, student_metrics, teacher_engine, teacher_metrics
 from zreward.experiments.rationales import label_rationales, reasoning_probe
-from zreward.experiments.synthetic import SyntheticPreferences
 from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer, tiny_teacher
 from zreward.training.gdso import GDSOTrainer
 from zreward.training.opd import OPDTrainer
@@ -54,10 +53,11 @@ class _Seed:
 
     def __init__(self, config, seed: int):
         self.config, self.seed, self.device = config, seed, torch.device(config.device)
-        self.train = SyntheticPreferences(config.train_prompts, config.candidates, config.image_size, seed=seed,
-                                          spread=config.spread)
-        self.held_out = SyntheticPreferences(config.eval_prompts, config.candidates, config.image_size,
-                                             seed=seed + 1, spread=config.spread)
+        data = DemoConfig(seed=seed, train_prompts=config.train_prompts, eval_prompts=config.eval_prompts,
+                          candidates=config.candidates, image_size=config.image_size, spread=config.spread,
+                          level_choices=config.level_choices, annotators=config.annotators,
+                          annotator_noise=config.annotator_noise)
+        self.train, self.held_out = data.data(), data.data(held_out=True)
 
     def teacher(self):
         return tiny_teacher(self.seed, self.device, self.config.engine)

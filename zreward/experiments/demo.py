@@ -15,15 +15,17 @@ On a GPU (``--device cuda``) the same run uses the fused kernels (backend auto) 
 """
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from zreward.deploy.model_folder import save_model_folder
-from zreward.experiments.synthetic import SyntheticPreferences
+from zreward.experiments.synthetic import ANCHOR_LEVELS, SyntheticPreferences
 from zreward.engines import ENGINES, make_engine
 from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer, tiny_teacher
 from zreward.metrics import reward_metrics
@@ -37,25 +39,38 @@ from zreward.training.risd import RISDConfig, RISDTrainer, TeacherCache
 
 @dataclass
 class DemoConfig:
-    steps: int = 250                # GDSO steps; RISD runs risd_steps_per_gdso_step x as many
-    risd_steps_per_gdso_step: int = 2
-    train_prompts: int = 24
-    eval_prompts: int = 12
-    candidates: int = 3
-    image_size: int = 128           # 16 visual tokens per image (the tiny processor's maximum)
-    spread: int | None = 1          # correlated defects (see zreward.experiments.synthetic)
+    steps: int = 600                # GDSO steps; RISD runs risd_steps_per_gdso_step x as many
+    risd_steps_per_gdso_step: int = 1
+    # 150 prompts x 4 candidates = 600 training images (2400 labels), more than the student can memorise in its
+    # RISD steps; 20 held-out prompts x 4 candidates give about 380 same-prompt non-tied pairs (HPA's binomial
+    # standard error about 0.02 at 0.85).
+    train_prompts: int = 150
+    eval_prompts: int = 20
+    candidates: int = 4
+    image_size: int = 64            # 16 visual tokens per image with the tiny models' 8-pixel patches
+    spread: int | None = None       # independent defects per dimension (see zreward.experiments.synthetic)
+    level_choices: tuple[int, ...] = ANCHOR_LEVELS  # each defect at one of the rubric's five anchors
+    annotators: int = 1             # clean labels: one annotation per (image, dimension), no noise
+    annotator_noise: float = 0.0
     seed: int = 0
     device: str = "cpu"
     output_dir: str = "zreward-demo"
     engine: str = "hf"              # samples the teacher's rollouts (zreward.engines); "vllm" needs the vllm extra
     eval_teacher_samples: int = 2
-    # lr 1e-3 for both: the random-init models' image-dependent signal at the score position is tiny (the last
-    # position attends almost uniformly over ~300 prompt tokens, 16 of them visual); at 3e-3 or 1e-2 AdamW's
-    # updates swamp it, the held-out ranking flips sign from one evaluation to the next and the CE stays at ln 9.
+    # P = 8 pairs (16 images) per batch and one update per batch: in measured runs the held-out HPA grew with the
+    # number of distinct images a step sees, and a second update on the same rollouts cost a second backward for
+    # little gain.
     gdso: GDSOConfig = field(default_factory=lambda: GDSOConfig(
-        group_size=2, pairs_per_batch=4, steps_per_iteration=10, updates_per_batch=2, max_new_tokens=4,
+        group_size=2, pairs_per_batch=8, steps_per_iteration=10, updates_per_batch=1, max_new_tokens=4,
         beta=0.02, lr=1e-3, alpha_pt=1.0, alpha_pw=2.0))
     risd: RISDConfig = field(default_factory=lambda: RISDConfig(batch_size=8, lr=1e-3, teacher_max_new_tokens=4))
+
+    def data(self, held_out: bool = False) -> SyntheticPreferences:
+        """The training data (from ``seed``) or the held-out data (from ``seed + 1``, other prompts)."""
+        return SyntheticPreferences(self.eval_prompts if held_out else self.train_prompts, self.candidates,
+                                    self.image_size, seed=self.seed + int(held_out), spread=self.spread,
+                                    annotators=self.annotators, annotator_noise=self.annotator_noise,
+                                    level_choices=self.level_choices)
 
 
 def add_parser(subparsers) -> None:
@@ -66,7 +81,12 @@ def add_parser(subparsers) -> None:
                         help=f"GDSO steps (RISD runs {defaults.risd_steps_per_gdso_step}x as many)")
     parser.add_argument("--output-dir", default=defaults.output_dir,
                         help="where the PNG, JSON, caches and model folders go")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="the (first) seed")
+    parser.add_argument("--seeds", type=_positive_int, default=1,
+                        help="run seeds SEED..SEED+N-1, each in <output-dir>/seed-<s>, and print the held-out metrics "
+                             "as mean ± sd over them (default %(default)s)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
     parser.add_argument("--engine", choices=ENGINES, default=defaults.engine,
                         help="what samples the teacher's rollouts (GDSO, its evaluation, the RISD teacher cache); "
@@ -74,10 +94,58 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=_run_from_args)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _run_from_args(args) -> int:
-    run_demo(DemoConfig(steps=args.steps, output_dir=args.output_dir, seed=args.seed, device=args.device,
-                        engine=args.engine))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = DemoConfig(steps=args.steps, output_dir=args.output_dir, seed=args.seed, device=args.device,
+                        engine=args.engine)
+    if args.seeds == 1:
+        run_demo(config)
+    else:
+        run_demo_seeds(config, args.seeds)
     return 0
+
+
+def run_demo_seeds(config: DemoConfig, seeds: int, log=print) -> dict:
+    """``run_demo`` for seeds ``config.seed .. config.seed + seeds - 1``, each in ``<output_dir>/seed-<s>``; writes
+    ``<output_dir>/seeds.json`` (every seed's stages and the mean ± sample sd of each metric over seeds) and logs
+    the table. Returns what the file holds."""
+    started = time.perf_counter()
+    out = Path(config.output_dir)
+    runs = []
+    for seed in range(config.seed, config.seed + seeds):
+        log(f"=== seed {seed}")
+        summary = run_demo(replace(config, seed=seed, output_dir=str(out / f"seed-{seed}")), log)
+        runs.append({"seed": seed, "stages": summary["stages"], "runtime_s": summary["runtime_s"]})
+    result = {"config": asdict(config), "seeds": [run["seed"] for run in runs], "runs": runs,
+              "mean_sd": {stage: {key: _mean_sd([run["stages"][stage][key] for run in runs]) for key in SEED_METRICS}
+                          for stage in runs[0]["stages"]},
+              "threads": torch.get_num_threads(), "runtime_s": round(time.perf_counter() - started, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seeds.json").write_text(json.dumps(result, indent=1))
+    log(f"held-out metrics over seeds {result['seeds'][0]}..{result['seeds'][-1]} (mean ± sd, "
+        f"{result['threads']} torch thread(s), {result['runtime_s'] / 60:.1f} min):")
+    for stage, stats in result["mean_sd"].items():
+        log(f"  {stage:15s} " + "  ".join(f"{key.upper()} {stat['mean']:+.3f} ± {stat['sd']:.3f}"
+                                         for key, stat in stats.items()))
+    return result
+
+
+SEED_METRICS = ("hpa", "plcc", "srcc")
+
+
+def _mean_sd(values) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def run_demo(config: DemoConfig, log=print) -> dict:
@@ -87,10 +155,7 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    train = SyntheticPreferences(config.train_prompts, config.candidates, config.image_size, seed=config.seed,
-                                 spread=config.spread)
-    held_out = SyntheticPreferences(config.eval_prompts, config.candidates, config.image_size, seed=config.seed + 1,
-                                    spread=config.spread)
+    train, held_out = config.data(), config.data(held_out=True)
     pairs = train.pairs()
     log(f"data: {len(train)} train images ({len(pairs)} same-prompt pairs over {len(DIMENSIONS)} dimensions), "
         f"{len(held_out)} held-out images")
@@ -112,7 +177,7 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     _report(log, "teacher before GDSO", stages["teacher_before"])
     _report(log, "student before RISD", stages["student_before"])
 
-    gdso = GDSOTrainer(teacher, train, pairs, config.gdso, engine=engine)
+    gdso = GDSOTrainer(teacher, train, pairs, replace(config.gdso, seed=config.seed), engine=engine)
     gdso.train(config.steps, log=lambda m: _progress(log, "gdso", m, config.steps))
     stages["teacher_after"] = evaluate_teacher()
     _report(log, "teacher after GDSO", stages["teacher_after"])
@@ -124,7 +189,7 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     cache.save(out / "teacher_cache")
     log(f"teacher distributions cached in {out / 'teacher_cache'}")
     risd_steps = config.steps * config.risd_steps_per_gdso_step
-    risd = RISDTrainer(student, train, cache, config.risd)
+    risd = RISDTrainer(student, train, cache, replace(config.risd, seed=config.seed))
     risd.train(risd_steps, log=lambda m: _progress(log, "risd", m, risd_steps))
     stages["student_after"] = evaluate_student()
     _report(log, "student after RISD", stages["student_after"])
@@ -200,34 +265,34 @@ def _progress(log, stage: str, metrics: dict, total: int) -> None:
 
 
 def _plot(summary: dict, path: Path) -> None:
+    """Four panels, each stage on its own x axis: GDSO's losses and its mean reward against GDSO steps, RISD's KL
+    against RISD steps, and the held-out metrics before and after each stage."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
     gdso = summary["gdso_history"]
     steps = [m["step"] for m in gdso]
     for key in ("loss", "ce", "pairwise", "policy"):
-        axes[0].plot(steps, [m[key] for m in gdso], label=key)
-    axes[0].set(title="GDSO (teacher)", xlabel="step")
+        axes[0].plot(steps, [m[key] for m in gdso], label=key, linewidth=0.8)
+    axes[0].set(title="GDSO (teacher): Eq. 14 and its parts", xlabel="GDSO step")
     axes[0].legend()
-    axes[1].plot(steps, [m["reward"] for m in gdso], color="tab:green", label="mean reward (Eq. 13)")
+    axes[1].plot(steps, [m["reward"] for m in gdso], color="tab:green", linewidth=0.8)
+    axes[1].set(title="GDSO: mean reward (Eq. 13)", xlabel="GDSO step")
     risd = summary["risd_history"]
-    twin = axes[1].twinx()
-    twin.plot([m["step"] for m in risd], [m["loss"] for m in risd], color="tab:red", label="RISD KL (Eq. 15)")
-    axes[1].set(title="GDSO reward / RISD loss", xlabel="step")
-    axes[1].legend(loc="upper left")
-    twin.legend(loc="upper right")
+    axes[2].plot([m["step"] for m in risd], [m["loss"] for m in risd], color="tab:red", linewidth=0.8)
+    axes[2].set(title="RISD (student): KL to the teacher (Eq. 15)", xlabel="RISD step", yscale="log")
     stages = summary["stages"]
     names = list(stages)
     for offset, key in enumerate(("plcc", "srcc", "hpa")):
-        axes[2].bar([i + 0.27 * (offset - 1) for i in range(len(names))], [stages[n][key] for n in names],
+        axes[3].bar([i + 0.27 * (offset - 1) for i in range(len(names))], [stages[n][key] for n in names],
                     width=0.27, label=key.upper())
-    axes[2].axhline(0.5, color="gray", linestyle=":", linewidth=1)
-    axes[2].set_xticks(range(len(names)), [n.replace("_", "\n") for n in names])
-    axes[2].set(title="held-out metrics")
-    axes[2].legend()
+    axes[3].axhline(0.5, color="gray", linestyle=":", linewidth=1)
+    axes[3].set_xticks(range(len(names)), [n.replace("_", "\n") for n in names])
+    axes[3].set(title="held-out metrics")
+    axes[3].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

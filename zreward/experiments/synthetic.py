@@ -2,20 +2,31 @@
 
 A prompt asks for ``<count> <colour> <shape>s`` ("two red circles"). Each candidate image draws that scene
 with one defect level ``L`` in 0..8 per reward dimension, and its annotated score for that dimension is
-``5 - L / 2``: the half-point grid 1.0, 1.5, ..., 5.0 of the score vocabulary. The defects are simple visual
-cues a tiny ViT can pick up, each mapped onto its rubric:
+``5 - L / 2``: the half-point grid 1.0, 1.5, ..., 5.0 of the score vocabulary. Each dimension's defect changes
+a different part of the image, so that one dimension's score says nothing about another's:
 
-* alignment - the objects lose their colour (mixed towards grey by ``L/8``, a wrong attribute binding) and
-  from ``L >= 6`` one object is missing or extra (a wrong count);
-* realism - additive Gaussian pixel noise, std ``0.04 L`` (generation noise);
-* aesthetics - contrast washed out towards flat grey by ``0.1 L`` (flat, unpleasant rendering);
-* plausibility - ``0.08 L`` of each object's 4x4 blocks are punched out (broken, impossible objects).
+* alignment - the objects lose the prompt's colour, mixed towards a dark grey by ``L/8`` (a wrong attribute);
+* realism - additive Gaussian pixel noise over the whole image, std ``0.04 L`` (generation noise);
+* aesthetics - the background dulls from a light cream towards a grey-brown by ``L/8`` (flat, murky lighting),
+  the objects untouched;
+* plausibility - ``0.1 L`` of each object's blocks (a 16 x 16 grid over the image) are punched out, an exact
+  share rather than a random one (broken, impossible objects).
 
-With ``spread=None`` the four levels are drawn independently. With ``spread=s`` each image first draws one
-overall quality level and every dimension's level deviates from it by at most ``s``: real generations have
-correlated defects, and one shared cue is what lets a tiny random-init model learn within minutes.
+The objects cover about the same share of the image whatever their count (one large, two medium or three small
+ones: 40-46 % for circles and squares, 28 % for triangles), so the object defects are as visible as the
+background and noise ones. With the default ``spread=None`` the four
+levels are drawn independently, so an untrained model that happens to follow one cue ranks the other three
+dimensions at chance. With ``spread=s`` each image draws one overall quality level and every dimension's level
+deviates from it by at most ``s`` (correlated defects: one shared cue ranks every dimension).
 
-Everything is generated here from a seed (no files, no downloads); the same seed gives the same data.
+``annotators=A`` adds label noise as real annotation has it: each of A annotators scores every (image,
+dimension) at the true level moved one half-point up or down with probability ``annotator_noise / 2`` each (kept
+on the grid), and the ground truth is their trimmed mean (``zreward.data.ground_truth``: the highest and lowest
+dropped from three or more). ``annotations`` keeps every annotator's score.
+
+Images are returned exactly as an 8-bit PNG stores them (rounded to multiples of 1/255), so writing them to files
+and reading them back changes nothing. Everything is generated here from a seed (no files, no downloads); the same
+seed gives the same data.
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zreward.data import ground_truth
 from zreward.scoring.rubric import DIMENSIONS
 
 COLOURS = {
@@ -32,7 +44,16 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = ("one", "two", "three")
 MAX_LEVEL = 8
-BACKGROUND = (0.93, 0.91, 0.86)
+LEVELS = tuple(range(MAX_LEVEL + 1))
+ANCHOR_LEVELS = (0, 2, 4, 6, 8)         # the rubric's five anchors: scores 5, 4, 3, 2, 1
+BACKGROUND = (0.86, 0.84, 0.78)        # aesthetics level 0
+DULL_BACKGROUND = (0.66, 0.64, 0.60)   # aesthetics level 8
+WRONG_COLOUR = (0.25, 0.25, 0.25)      # alignment level 8
+NOISE_PER_LEVEL = 0.04
+HOLES_PER_LEVEL = 0.1
+HOLE_GRID = 16                          # plausibility punches blocks of a HOLE_GRID x HOLE_GRID grid
+# Object radius as a share of the image side, by count: the objects cover the same share of the image either way.
+RADIUS = {1: 0.384, 2: 0.264, 3: 0.216}
 
 
 def level_to_score(level: int) -> float:
@@ -42,16 +63,20 @@ def level_to_score(level: int) -> float:
 
 @dataclass
 class Candidate:
-    """One generated image: its prompt group, pixels ``[3, H, W]`` in [0, 1], defect levels and scores."""
+    """One generated image: its prompt group, pixels ``[3, H, W]`` in [0, 1], defect levels, each annotator's
+    scores (``annotations``, one tuple per dimension) and their ground truth (``scores``, the trimmed mean)."""
 
     group: int
     prompt: str
     image: torch.Tensor
     levels: dict[str, int]
+    annotations: dict[str, tuple[float, ...]] = None
     scores: dict[str, float] = field(init=False)
 
     def __post_init__(self):
-        self.scores = {d: level_to_score(level) for d, level in self.levels.items()}
+        if self.annotations is None:
+            self.annotations = {d: (level_to_score(level),) for d, level in self.levels.items()}
+        self.scores = {d: ground_truth(values) for d, values in self.annotations.items()}
 
 
 @dataclass
@@ -69,11 +94,19 @@ class SyntheticPreferences:
     """``num_prompts`` prompts x ``candidates`` images each, with scores for every dimension."""
 
     def __init__(self, num_prompts: int, candidates: int = 3, image_size: int = 64, seed: int = 0,
-                 dimensions: tuple[str, ...] = DIMENSIONS, spread: int | None = None):
+                 dimensions: tuple[str, ...] = DIMENSIONS, spread: int | None = None, annotators: int = 1,
+                 annotator_noise: float = 0.0, level_choices: tuple[int, ...] = LEVELS):
         if image_size % 32 or image_size < 32:
             raise ValueError(f"image_size must be a positive multiple of 32 (Qwen-VL patches x merge), got {image_size}")
         if candidates < 2:
             raise ValueError(f"candidates must be at least 2 (pairs need two images per prompt), got {candidates}")
+        level_choices = tuple(level_choices)
+        if not level_choices or any(not 0 <= level <= MAX_LEVEL for level in level_choices):
+            raise ValueError(f"level_choices must be defect levels in 0..{MAX_LEVEL}, got {level_choices}")
+        if annotators < 1:
+            raise ValueError(f"annotators must be at least 1, got {annotators}")
+        if not 0.0 <= annotator_noise <= 1.0:
+            raise ValueError(f"annotator_noise must be a probability in [0, 1], got {annotator_noise}")
         self.dimensions = tuple(dimensions)
         generator = torch.Generator().manual_seed(seed)
         self.items: list[Candidate] = []
@@ -83,9 +116,13 @@ class SyntheticPreferences:
             count = 1 + _randint(generator, len(COUNT_WORDS))
             prompt = f"{COUNT_WORDS[count - 1]} {colour} {shape}{'s' if count > 1 else ''}"
             for _ in range(candidates):
-                levels = _levels(generator, self.dimensions, spread)
+                levels = _levels(generator, self.dimensions, spread, level_choices)
                 image = render(colour, shape, count, levels, image_size, generator)
-                self.items.append(Candidate(group, prompt, image, levels))
+                annotations = None
+                if annotators > 1 or annotator_noise > 0:
+                    annotations = {d: _annotate(generator, level, annotators, annotator_noise)
+                                   for d, level in levels.items()}
+                self.items.append(Candidate(group, prompt, image, levels, annotations))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -118,35 +155,57 @@ class SyntheticPreferences:
 
 def render(colour: str, shape: str, count: int, levels: dict[str, int], size: int,
            generator: torch.Generator) -> torch.Tensor:
-    """Draw ``count`` shapes of ``colour`` on a light background, then apply each dimension's defect."""
-    alignment = levels.get("alignment", 0)
-    if alignment >= 6:  # wrong count: one object missing (or one extra when a single one was asked for)
-        count = count + 1 if count == 1 else count - 1
-    grey = sum(COLOURS[colour]) / 3
-    fill = torch.tensor([c + (grey - c) * alignment / MAX_LEVEL for c in COLOURS[colour]])
-    image = torch.tensor(BACKGROUND).view(3, 1, 1).expand(3, size, size).clone()
+    """Draw ``count`` shapes of ``colour`` on a background, apply each dimension's defect and quantise to 8 bits."""
+    fraction = {d: levels.get(d, 0) / MAX_LEVEL for d in DIMENSIONS}
+    target = torch.tensor(COLOURS[colour])
+    fill = target + (torch.tensor(WRONG_COLOUR) - target) * fraction["alignment"]
+    background = torch.tensor(BACKGROUND)
+    background = background + (torch.tensor(DULL_BACKGROUND) - background) * fraction["aesthetics"]
+    image = background.view(3, 1, 1).expand(3, size, size).clone()
     ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
-    cells = torch.randperm(4, generator=generator)[:count].tolist()
-    cell = size / 2
-    for slot in cells:
-        radius = cell * (0.28 + 0.12 * torch.rand((), generator=generator).item())
-        cy = (slot // 2 + 0.5) * cell + (torch.rand((), generator=generator).item() - 0.5) * (cell - 2 * radius)
-        cx = (slot % 2 + 0.5) * cell + (torch.rand((), generator=generator).item() - 0.5) * (cell - 2 * radius)
+    radius = RADIUS[count] * size
+    for cy, cx in _centres(count, size, generator):
         mask = _shape_mask(shape, ys - cy, xs - cx, radius)
-        mask &= ~_punched_blocks(levels.get("plausibility", 0), size, generator)
+        mask &= ~_punched_blocks(mask, HOLES_PER_LEVEL * levels.get("plausibility", 0), generator)
         image[:, mask] = fill.view(3, 1)
-    washed = 0.1 * levels.get("aesthetics", 0)
-    image = image + (0.5 - image) * washed
-    noise = 0.04 * levels.get("realism", 0)
-    image = image + noise * torch.randn(image.shape, generator=generator)
-    return image.clamp(0.0, 1.0)
+    image = image + NOISE_PER_LEVEL * levels.get("realism", 0) * torch.randn(image.shape, generator=generator)
+    return (image.clamp(0.0, 1.0) * 255).round() / 255
 
 
-def _levels(generator: torch.Generator, dimensions, spread: int | None) -> dict[str, int]:
+def _centres(count: int, size: int, generator: torch.Generator) -> list[tuple[float, float]]:
+    """Object centres ``(y, x)``: one near the middle, two side by side (or stacked), three in three of the four
+    quadrants; each jittered a little."""
+    def jitter(scale: float) -> float:
+        return (torch.rand((), generator=generator).item() - 0.5) * scale * size
+
+    if count == 1:
+        return [(size / 2 + jitter(0.2), size / 2 + jitter(0.2))]
+    if count == 2:
+        centres = [(size / 2 + jitter(0.3), size * x) for x in (0.27, 0.73)]
+        if torch.rand((), generator=generator).item() < 0.5:
+            centres = [(x, y) for y, x in centres]
+        return centres
+    slots = torch.randperm(4, generator=generator)[:3].tolist()
+    return [((slot // 2 + 0.5) * size / 2 + jitter(0.06), (slot % 2 + 0.5) * size / 2 + jitter(0.06))
+            for slot in slots]
+
+
+def _levels(generator: torch.Generator, dimensions, spread: int | None, choices: tuple[int, ...]) -> dict[str, int]:
+    """One defect level per dimension from ``choices``: independent, or (``spread``) within ``spread`` places of
+    the choices around one shared draw."""
     if spread is None:
-        return {d: _randint(generator, MAX_LEVEL + 1) for d in dimensions}
-    base = _randint(generator, MAX_LEVEL + 1)
-    return {d: min(MAX_LEVEL, max(0, base + _randint(generator, 2 * spread + 1) - spread)) for d in dimensions}
+        return {d: choices[_randint(generator, len(choices))] for d in dimensions}
+    base = _randint(generator, len(choices))
+    return {d: choices[min(len(choices) - 1, max(0, base + _randint(generator, 2 * spread + 1) - spread))]
+            for d in dimensions}
+
+
+def _annotate(generator: torch.Generator, level: int, annotators: int, noise: float) -> tuple[float, ...]:
+    """``annotators`` scores of an image at defect ``level``: each one half-point off with probability ``noise``
+    (up or down alike), clipped to the grid."""
+    draws = torch.rand(annotators, 2, generator=generator)
+    steps = torch.where(draws[:, 0] < noise, torch.where(draws[:, 1] < 0.5, -1, 1), 0)
+    return tuple(level_to_score(min(MAX_LEVEL, max(0, level + int(step)))) for step in steps)
 
 
 def _shape_mask(shape: str, dy: torch.Tensor, dx: torch.Tensor, radius: float) -> torch.Tensor:
@@ -158,10 +217,17 @@ def _shape_mask(shape: str, dy: torch.Tensor, dx: torch.Tensor, radius: float) -
     return (dy <= radius * 0.8) & (dy >= -radius) & (dx.abs() <= (dy + radius) * 0.6)
 
 
-def _punched_blocks(level: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Boolean ``[size, size]`` mask of the 4x4 blocks removed from objects at plausibility ``level``."""
-    blocks = torch.rand(size // 4, size // 4, generator=generator) < 0.08 * level
-    return blocks.repeat_interleave(4, 0).repeat_interleave(4, 1)
+def _punched_blocks(mask: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """Boolean mask of ``round(share x n)`` of the ``n`` blocks (of a ``HOLE_GRID`` grid over the image) that
+    ``mask`` touches, drawn without replacement."""
+    size = mask.shape[0]
+    block = max(1, size // HOLE_GRID)
+    touched = mask.view(size // block, block, size // block, block).any(3).any(1).flatten()
+    candidates = touched.nonzero().squeeze(1)
+    chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:round(share * candidates.numel())]]
+    holes = torch.zeros_like(touched)
+    holes[chosen] = True
+    return holes.view(size // block, size // block).repeat_interleave(block, 0).repeat_interleave(block, 1)
 
 
 def _randint(generator: torch.Generator, high: int) -> int:

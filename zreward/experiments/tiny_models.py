@@ -24,8 +24,15 @@ QWEN_PRETOKENIZE_REGEX = (
 )
 # The demo's teacher is a bit bigger than its student; both full-attention-only so that CPU runs avoid the slow
 # reference path of the gated-delta (linear-attention) layers.
-TEACHER_CONFIG = {"hidden_size": 48, "intermediate_size": 96, "layer_types": ["full_attention"] * 2}
-STUDENT_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "layer_types": ["full_attention"] * 2}
+# Both draw their weights with std 0.1 rather than transformers' 0.02 and see the image in 8-pixel patches (a 64 px
+# image is 16 visual tokens). With std 0.02 the image moves the score position's hidden state by about 0.3 % of its
+# norm, and a training run on the demo's data sat at the uniform-guess loss for 1500 steps, learning only the
+# brightest cue; with std 0.1 every cue was learned within 400 steps. Patches of 16 pixels learned more slowly.
+DEMO_VISION_CONFIG = {"patch_size": 8, "initializer_range": 0.1}
+TEACHER_CONFIG = {"hidden_size": 48, "intermediate_size": 96, "layer_types": ["full_attention"] * 2,
+                  "initializer_range": 0.1, "vision_config": DEMO_VISION_CONFIG}
+STUDENT_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "layer_types": ["full_attention"] * 2,
+                  "initializer_range": 0.1, "vision_config": DEMO_VISION_CONFIG}
 
 # Tiny configs vLLM's CPU backend runs (``zreward.engines.vllm.cpu_backend_problems``): attention head_dim 32 (its
 # smallest), gated-delta-net head dims 64, rotary sections resized to match; the Qwen3.5 one runs in bfloat16 there.
