@@ -7,6 +7,7 @@ import math
 import pytest
 
 from zreward.cli import build_parser
+from zreward.deploy.model_folder import load_model_folder
 from zreward.experiments.demo import DemoConfig, run_demo, run_demo_seeds
 from zreward.training.gdso import GDSOConfig
 from zreward.training.risd import RISDConfig
@@ -30,7 +31,8 @@ def test_bad_arguments_name_the_argument(argv, named, capsys):
 
 def _tiny(output_dir, **overrides) -> DemoConfig:
     return DemoConfig(
-        steps=1, train_prompts=2, eval_prompts=2, candidates=3, image_size=32, output_dir=str(output_dir),
+        steps=1, train_prompts=2, eval_prompts=2, val_prompts=2, eval_every=1, candidates=3, image_size=32,
+        output_dir=str(output_dir),
         gdso=GDSOConfig(group_size=2, pairs_per_batch=1, max_new_tokens=2, steps_per_iteration=1),
         risd=RISDConfig(batch_size=2, teacher_max_new_tokens=2), **overrides)
 
@@ -40,7 +42,21 @@ def test_tiny_demo_runs_end_to_end(tmp_path):
     summary = run_demo(_tiny(tmp_path, risd_steps_per_gdso_step=2), log=lines.append)
     assert (tmp_path / "training_curves.png").stat().st_size > 0
     assert json.loads((tmp_path / "summary.json").read_text())["stages"] == summary["stages"]
-    assert (tmp_path / "teacher_cache" / "teacher_cache.safetensors").exists()
+    # it ran what a user runs: files on disk and zreward train's entry points, whose outputs are all there
+    records = [json.loads(line) for line in (tmp_path / "data" / "annotations.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "val", "test"}
+    assert all((tmp_path / "data" / r["image"]).is_file() for r in records)
+    for role in ("teacher", "student"):
+        assert (tmp_path / "base" / role / "config.json").is_file()
+        assert (tmp_path / role / "zreward_model.json").is_file()
+        log = [json.loads(line) for line in (tmp_path / "runs" / role / "log.jsonl").read_text().splitlines()]
+        assert {r["split"] for r in log} == {"train", "val"}
+        assert (tmp_path / "runs" / role / "checkpoints" / "best").is_dir()
+    assert (tmp_path / "runs" / "student" / "teacher_cache" / "teacher_cache.safetensors").exists()
+    # the stages were scored from the model folders, which deploy as they are
+    teacher, student = (load_model_folder(tmp_path / role) for role in ("teacher", "student"))
+    assert json.loads((tmp_path / "teacher" / "zreward_model.json").read_text())["role"] == "teacher"
+    assert teacher.model.config.text_config.hidden_size != student.model.config.text_config.hidden_size
     assert set(summary["stages"]) == {"teacher_before", "student_before", "teacher_after", "student_after"}
     for metrics in summary["stages"].values():
         assert metrics["pairs"] > 0

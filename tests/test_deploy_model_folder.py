@@ -7,10 +7,7 @@ import torch
 
 from zreward.deploy.engine import open_scorer
 from zreward.deploy.model_folder import METADATA_FILE, load_model_folder, rubric_version, save_model_folder
-from zreward.experiments.demo import DemoConfig, run_demo, student_metrics
 from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer
-from zreward.training.gdso import GDSOConfig
-from zreward.training.risd import RISDConfig
 
 
 @pytest.fixture(scope="module")
@@ -102,23 +99,6 @@ def test_vllm_engine_is_refused_clearly(folder):
         open_scorer(folder, engine="vllm")
     with pytest.raises(ValueError, match="engine must be one of"):
         open_scorer(folder, engine="onnx")
-
-
-def test_demo_model_folders_score_as_the_trained_models(tmp_path):
-    config = DemoConfig(
-        steps=1, train_prompts=2, eval_prompts=2, candidates=3, image_size=32, output_dir=str(tmp_path),
-        gdso=GDSOConfig(group_size=2, pairs_per_batch=1, max_new_tokens=2, steps_per_iteration=1),
-        risd=RISDConfig(batch_size=2, teacher_max_new_tokens=2),
-    )
-    summary = run_demo(config, log=lambda _: None)
-    held_out = config.data(held_out=True)
-    student = load_model_folder(tmp_path / "student")
-    metrics = student_metrics(student, held_out, torch.device("cpu"))
-    for key in ("plcc", "srcc", "hpa"):
-        assert metrics[key] == pytest.approx(summary["stages"]["student_after"][key], abs=1e-6), key
-    teacher = load_model_folder(tmp_path / "teacher")
-    assert json.loads((tmp_path / "teacher" / METADATA_FILE).read_text())["role"] == "teacher"
-    assert teacher.model.config.text_config.hidden_size != student.model.config.text_config.hidden_size
 
 
 def test_folder_files_get_the_mode_of_the_umask(scorer, tmp_path, umask):

@@ -1,13 +1,16 @@
-"""``zreward demo``: the whole Z-Reward recipe on synthetic data, end to end, in minutes on a CPU.
+"""``zreward demo``: the whole Z-Reward recipe on synthetic data, end to end, in minutes on a CPU, through the same
+entry points a user runs on real data (``zreward train teacher|student``).
 
 1. Synthetic text-to-image preferences (``zreward.experiments.synthetic``): shape/colour/count prompts, images with
-   controlled alignment, realism, aesthetics and plausibility defects, half-point scores from the defects.
-2. GDSO (Algorithm 1) trains a tiny random-init Qwen3.5 teacher on same-prompt pairs with G sampled
-   reasoning outputs per candidate.
-3. RISD (Algorithm 2) caches the frozen teacher's reasoning-conditioned distributions and distils them into a
-   smaller tiny Qwen3.5 student that scores without reasoning.
-4. PLCC / SRCC / HPA on held-out prompts before and after each stage, a PNG of the training curves and a
-   JSON summary in ``--output-dir``.
+   controlled alignment, realism, aesthetics and plausibility defects, half-point scores from the defects; written
+   as PNG files and an annotation JSONL (``<output-dir>/data``: train, val and test splits, the test split from
+   other prompts), and tiny random-init Qwen3.5 base models written as model folders (``<output-dir>/base``).
+2. ``train_teacher`` (GDSO, Algorithm 1) trains the teacher on same-prompt pairs with G sampled reasoning outputs per
+   candidate, evaluating on the val split and keeping the best checkpoint.
+3. ``train_student`` (RISD, Algorithm 2) caches the trained teacher's reasoning-conditioned distributions and distils
+   them into a smaller student that scores without reasoning.
+4. PLCC / SRCC / HPA on the test split before and after each stage, a PNG of the training curves and a JSON summary
+   in ``--output-dir``.
 5. The trained models as model folders, ``<output-dir>/student`` and ``<output-dir>/teacher``, which
    ``zreward score``, ``zreward serve`` and ``zreward evaluate`` load (``zreward.deploy.model_folder``).
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -24,16 +28,19 @@ from pathlib import Path
 
 import torch
 
-from zreward.deploy.model_folder import save_model_folder
-from zreward.experiments.synthetic import ANCHOR_LEVELS, SyntheticPreferences
+from zreward.deploy.model_folder import load_model_folder
 from zreward.engines import ENGINES, make_engine
-from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer, tiny_teacher
+from zreward.experiments.files import save_base_model, write_annotations
+from zreward.experiments.synthetic import ANCHOR_LEVELS, SyntheticPreferences
+from zreward.experiments.tiny_models import STUDENT_CONFIG, TEACHER_CONFIG, VLLM_TEACHER_CONFIG
 from zreward.metrics import reward_metrics
 from zreward.scoring.rubric import DIMENSIONS
 from zreward.scoring.scorer import RewardScorer
-from zreward.scoring.vocab import ScoreVocab
-from zreward.training.gdso import GDSOConfig, GDSOTrainer, teacher_expected_scores
-from zreward.training.risd import RISDConfig, RISDTrainer, TeacherCache
+from zreward.train.config import StudentConfig, TeacherConfig
+from zreward.train.run import train_student, train_teacher
+from zreward.training.base import read_log
+from zreward.training.gdso import GDSOConfig, teacher_expected_scores
+from zreward.training.risd import RISDConfig
 
 
 
@@ -45,7 +52,9 @@ class DemoConfig:
     # RISD steps; 20 held-out prompts x 4 candidates give about 380 same-prompt non-tied pairs (HPA's binomial
     # standard error about 0.02 at 0.85).
     train_prompts: int = 150
-    eval_prompts: int = 20
+    eval_prompts: int = 20          # the test split: the held-out figures the demo reports
+    val_prompts: int = 8            # the val split: evaluated while training, picks the best checkpoint
+    eval_every: int = 150           # GDSO / RISD steps between evaluations on the val split
     candidates: int = 4
     image_size: int = 64            # 16 visual tokens per image with the tiny models' 8-pixel patches
     spread: int | None = None       # independent defects per dimension (see zreward.experiments.synthetic)
@@ -65,12 +74,14 @@ class DemoConfig:
         beta=0.02, lr=1e-3, alpha_pt=1.0, alpha_pw=2.0))
     risd: RISDConfig = field(default_factory=lambda: RISDConfig(batch_size=8, lr=1e-3, teacher_max_new_tokens=4))
 
-    def data(self, held_out: bool = False) -> SyntheticPreferences:
-        """The training data (from ``seed``) or the held-out data (from ``seed + 1``, other prompts)."""
-        return SyntheticPreferences(self.eval_prompts if held_out else self.train_prompts, self.candidates,
-                                    self.image_size, seed=self.seed + int(held_out), spread=self.spread,
-                                    annotators=self.annotators, annotator_noise=self.annotator_noise,
-                                    level_choices=self.level_choices)
+    def data(self, held_out: bool = False, val: bool = False) -> SyntheticPreferences:
+        """The training data (from ``seed``), the held-out test data (from ``seed + 1``, other prompts) or the val
+        data (from ``seed + 2``)."""
+        prompts, offset = ((self.val_prompts, 2) if val else (self.eval_prompts, 1) if held_out
+                           else (self.train_prompts, 0))
+        return SyntheticPreferences(prompts, self.candidates, self.image_size, seed=self.seed + offset,
+                                    spread=self.spread, annotators=self.annotators,
+                                    annotator_noise=self.annotator_noise, level_choices=self.level_choices)
 
 
 def add_parser(subparsers) -> None:
@@ -154,57 +165,116 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
-    torch.manual_seed(config.seed)
     train, held_out = config.data(), config.data(held_out=True)
-    pairs = train.pairs()
-    log(f"data: {len(train)} train images ({len(pairs)} same-prompt pairs over {len(DIMENSIONS)} dimensions), "
-        f"{len(held_out)} held-out images")
+    data = write_demo_data(config, out / "data")
+    log(f"data: {len(train)} train images ({len(train.pairs())} same-prompt pairs over {len(DIMENSIONS)} "
+        f"dimensions), {config.val_prompts * config.candidates} val and {len(held_out)} test images in {data}")
+    teacher_base, student_base = write_base_models(config, out / "base")
 
-    teacher = tiny_teacher(config.seed, device, config.engine)
-    student = tiny_scorer(config.seed + 1, STUDENT_CONFIG, device)
-    log(f"teacher {_count(teacher.model) / 1e6:.2f}M params, student {_count(student.model) / 1e6:.2f}M params")
+    def evaluate_teacher(folder) -> dict:
+        teacher = load_model_folder(folder, device, _teacher_dtype(config), require_metadata=False)
+        engine = teacher_engine(config.engine, teacher, config.seed)
+        try:
+            return teacher_metrics(teacher, held_out, device, config.eval_teacher_samples,
+                                   config.gdso.max_new_tokens, engine)
+        finally:
+            engine.close()
 
-    engine = teacher_engine(config.engine, teacher, config.seed)
+    def evaluate_student(folder) -> dict:
+        return student_metrics(load_model_folder(folder, device, require_metadata=False), held_out, device)
 
-    def evaluate_teacher():
-        return teacher_metrics(teacher, held_out, device, config.eval_teacher_samples, config.gdso.max_new_tokens,
-                               engine)
-
-    def evaluate_student():
-        return student_metrics(student, held_out, device)
-
-    stages = {"teacher_before": evaluate_teacher(), "student_before": evaluate_student()}
+    stages = {"teacher_before": evaluate_teacher(teacher_base), "student_before": evaluate_student(student_base)}
     _report(log, "teacher before GDSO", stages["teacher_before"])
     _report(log, "student before RISD", stages["student_before"])
 
-    gdso = GDSOTrainer(teacher, train, pairs, replace(config.gdso, seed=config.seed), engine=engine)
-    gdso.train(config.steps, log=lambda m: _progress(log, "gdso", m, config.steps))
-    stages["teacher_after"] = evaluate_teacher()
+    runs = out / "runs"
+    teacher_config = demo_teacher_config(config, teacher_base, data, runs / "teacher")
+    teacher = _move(train_teacher(teacher_config, log=_quiet(log), progress=False), out / "teacher")
+    gdso_history = _train_records(runs / "teacher")
+    for record in gdso_history:
+        _progress(log, "gdso", record, teacher_config.iterations * teacher_config.steps_per_iteration)
+    stages["teacher_after"] = evaluate_teacher(teacher)
     _report(log, "teacher after GDSO", stages["teacher_after"])
 
-    cache = TeacherCache.build(teacher, train, num_samples=config.risd.teacher_samples,
-                               max_new_tokens=config.risd.teacher_max_new_tokens,
-                               temperature=config.risd.teacher_temperature, engine=engine)
-    engine.close()
-    cache.save(out / "teacher_cache")
-    log(f"teacher distributions cached in {out / 'teacher_cache'}")
-    risd_steps = config.steps * config.risd_steps_per_gdso_step
-    risd = RISDTrainer(student, train, cache, replace(config.risd, seed=config.seed))
-    risd.train(risd_steps, log=lambda m: _progress(log, "risd", m, risd_steps))
-    stages["student_after"] = evaluate_student()
+    student_config = demo_student_config(config, student_base, teacher, data, runs / "student")
+    student = _move(train_student(student_config, log=_quiet(log), progress=False), out / "student")
+    risd_history = _train_records(runs / "student")
+    for record in risd_history:
+        _progress(log, "risd", record, student_config.steps)
+    stages["student_after"] = evaluate_student(student)
     _report(log, "student after RISD", stages["student_after"])
-
-    for role, scorer in (("student", student), ("teacher", teacher)):
-        save_model_folder(scorer, out / role, role=role)
-    log(f"model folders written to {out / 'student'} and {out / 'teacher'}")
+    log(f"model folders written to {student} and {teacher}; training runs (logs, checkpoints, the teacher cache) "
+        f"in {runs}")
 
     summary = {"config": asdict(config), "device": str(device), "stages": stages,
-               "gdso_history": gdso.history, "risd_history": risd.history,
+               "gdso_history": gdso_history, "risd_history": risd_history,
                "runtime_s": round(time.perf_counter() - started, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _plot(summary, out / "training_curves.png")
     log(f"wrote {out / 'summary.json'} and {out / 'training_curves.png'} in {summary['runtime_s']} s")
     return summary
+
+
+def write_demo_data(config: DemoConfig, folder: Path) -> Path:
+    """The demo's data as a user has it: PNG files and one annotation JSONL with a train split (``config.data()``),
+    a val split and a test split (the held-out prompts). Returns the JSONL."""
+    write_annotations(config.data(), folder, {"train": config.train_prompts})
+    write_annotations(config.data(val=True), folder, {"val": config.val_prompts}, append=True)
+    return write_annotations(config.data(held_out=True), folder, {"test": config.eval_prompts}, append=True)
+
+
+def write_base_models(config: DemoConfig, folder: Path) -> tuple[Path, Path]:
+    """The tiny random-init teacher and student as base model folders (``save_pretrained`` of model, tokenizer and
+    image processor), as a user's checkpoints are; the teacher is the variant vLLM's CPU backend runs for
+    ``engine = "vllm"``."""
+    teacher = TEACHER_CONFIG if config.engine != "vllm" else VLLM_TEACHER_CONFIG
+    return (save_base_model(folder / "teacher", seed=config.seed, **teacher),
+            save_base_model(folder / "student", seed=config.seed + 1, **STUDENT_CONFIG))
+
+
+def demo_teacher_config(config: DemoConfig, base: Path, data: Path, output_dir: Path) -> TeacherConfig:
+    """``config.gdso`` as a ``zreward train teacher`` config: full fine-tuning in fp32 (bf16 for the vLLM teacher),
+    ``config.steps`` GDSO steps rounded up to whole reference iterations."""
+    iteration = min(config.gdso.steps_per_iteration, config.steps)
+    return TeacherConfig(**{**asdict(config.gdso), "seed": config.seed, "steps_per_iteration": iteration,
+                            "iterations": -(-config.steps // iteration)},
+                         **_run_keys(config, base, data, output_dir), dtype=_teacher_dtype(config),
+                         eval_samples=config.eval_teacher_samples, engine_max_model_len=2048,
+                         engine_enforce_eager=True)
+
+
+def demo_student_config(config: DemoConfig, base: Path, teacher: Path, data: Path, output_dir: Path) -> StudentConfig:
+    """``config.risd`` as a ``zreward train student`` config distilling ``teacher``."""
+    return StudentConfig(**{**asdict(config.risd), "seed": config.seed,
+                            "steps": config.steps * config.risd_steps_per_gdso_step},
+                         **_run_keys(config, base, data, output_dir), teacher_model=str(teacher), dtype="float32",
+                         engine_max_model_len=2048, engine_enforce_eager=True)
+
+
+def _run_keys(config: DemoConfig, base: Path, data: Path, output_dir: Path) -> dict:
+    return dict(base_model=str(base), data=str(data), output_dir=str(output_dir), device=config.device,
+                engine=config.engine, lora_rank=0, gradient_checkpointing=False, eval_every=config.eval_every,
+                save_every=config.eval_every)
+
+
+def _teacher_dtype(config: DemoConfig) -> str:
+    return "bfloat16" if config.engine == "vllm" else "float32"  # vLLM's CPU backend: linear attention in bf16
+
+
+def _move(folder: Path, destination: Path) -> Path:
+    """The model folder a run wrote, moved to ``destination`` (replacing an earlier demo's)."""
+    if destination.exists():
+        shutil.rmtree(destination)
+    return Path(shutil.move(str(folder), str(destination)))
+
+
+def _train_records(run: Path) -> list[dict]:
+    return [r for r in read_log(run / "log.jsonl") if r["split"] == "train"]
+
+
+def _quiet(log):
+    """The training runs' messages, indented under the demo's."""
+    return lambda message: log(f"  {message}")
 
 
 def teacher_engine(name: str, teacher: RewardScorer, seed: int):

@@ -13,10 +13,12 @@ from zreward.experiments.synthetic import SyntheticPreferences
 
 
 def write_annotations(data: SyntheticPreferences, folder, splits: dict[str, int] | None = None,
-                      file_name: str = "annotations.jsonl") -> Path:
-    """Each image of ``data`` as ``<folder>/images/<n>.png`` and one JSONL record per (image, dimension) with its
-    score. ``splits`` maps split names to numbers of prompt groups, dealt in order (default: all ``"train"``); a
-    prompt's candidates stay in one split, as same-prompt pairs need. Returns the JSONL path."""
+                      file_name: str = "annotations.jsonl", append: bool = False) -> Path:
+    """Each image of ``data`` as ``<folder>/images/<split>-<n>.png`` and one JSONL record per (image, dimension) with
+    its annotators' scores. ``splits`` maps split names to numbers of prompt groups, dealt in order (default: all
+    ``"train"``); a prompt's candidates stay in one split, as same-prompt pairs need. ``append`` adds the records to
+    an existing file (another data set's splits, e.g. held-out prompts drawn from another seed). Returns the JSONL
+    path."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     groups = sorted({item.group for item in data.items})
@@ -28,13 +30,20 @@ def write_annotations(data: SyntheticPreferences, folder, splits: dict[str, int]
     for n, item in enumerate(data.items):
         if item.group not in split_of:
             continue
-        path = folder / "images" / f"{n:05d}.png"
+        split = split_of[item.group]
+        path = folder / "images" / f"{split}-{n:05d}.png"
         save_png(item.image, path)
         lines += [json.dumps({"prompt": item.prompt, "image": f"images/{path.name}", "dimension": d,
-                              "score": score, "split": split_of[item.group]}) for d, score in item.scores.items()]
+                              **_scores(item.annotations[d]), "split": split}) for d in item.levels]
     jsonl = folder / file_name
-    jsonl.write_text("\n".join(lines) + "\n")
+    with jsonl.open("a" if append else "w") as handle:
+        handle.write("\n".join(lines) + "\n")
     return jsonl
+
+
+def _scores(annotations: tuple[float, ...]) -> dict:
+    """One annotator's score as ``score``, several as ``scores`` (``zreward.data``'s two forms)."""
+    return {"score": annotations[0]} if len(annotations) == 1 else {"scores": list(annotations)}
 
 
 def save_png(image: torch.Tensor, path) -> None:

@@ -58,6 +58,9 @@ class RunConfig:
     strategy: str = "ddp"  # several ranks: "ddp" (whole model on every rank) or "fsdp2" (blocks sharded)
     engine: str = "hf"  # samples the teacher's reasoning: "hf" (transformers generate) or "vllm"
     engine_memory_fraction: float = 0.5  # engine = "vllm": share of the GPU's memory the engine may take
+    engine_max_model_len: int = 0  # engine = "vllm": longest sequence the engine serves (its KV cache is sized
+    #   for it); 0: the model's own context length
+    engine_enforce_eager: bool = False  # engine = "vllm": no CUDA graphs or compilation (a faster start)
     device: str | None = None  # "cuda" (each rank its cuda:LOCAL_RANK), "cpu"; unset: cuda when available
     eval_every: int = 50  # steps between evaluations on the val split (and before the first step); 0: never
     eval_batch_size: int = 8  # val images per forward pass (per rank)
@@ -182,6 +185,7 @@ def _value_problems(config) -> list[str]:
          f"image_size must be [height, width] of positive ints, got {config.image_size}")
     need(0 < config.engine_memory_fraction < 1,
          f"engine_memory_fraction must lie in (0, 1), got {config.engine_memory_fraction}")
+    need(config.engine_max_model_len >= 0, f"engine_max_model_len must be >= 0, got {config.engine_max_model_len}")
     for name in ("eval_every", "save_every"):
         need(getattr(config, name) >= 0, f"{name} must be >= 0, got {getattr(config, name)}")
     need(config.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {config.eval_batch_size}")

@@ -293,7 +293,11 @@ def _key_matches(directory: Path, key: dict) -> bool:
 def _vllm_engine(config, scorer):
     from zreward.engines import make_engine
 
-    return make_engine("vllm", scorer, seed=config.seed, gpu_memory_utilization=config.engine_memory_fraction)
+    options = {"seed": config.seed, "gpu_memory_utilization": config.engine_memory_fraction,
+               "enforce_eager": config.engine_enforce_eager}
+    if config.engine_max_model_len:
+        options["max_model_len"] = config.engine_max_model_len
+    return make_engine("vllm", scorer, **options)
 
 
 def log_main(ctx: DistContext, log, message: str) -> None:
