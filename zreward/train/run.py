@@ -61,12 +61,7 @@ def train_teacher(config: TeacherConfig, resume: bool = False, log=print, progre
     """Train a teacher with GDSO on ``config.data``'s train split; returns the model folder it wrote. ``log``
     gets the run's messages (on rank 0), ``progress`` shows a progress bar."""
     with setup_errors():
-        check_config(config)
-        ctx = init_distributed(resolve_device(config))
-        seed_random_streams(config.seed, ctx)
-        out = prepare_output(config, resume, ctx)
-        processor, vocab = checked_vocab(config.base_model, config.score_texts, config.score_values)
-        data = load_run_data(config.data, config.image_size, (vocab.score_min, vocab.score_max))
+        ctx, out, processor, vocab, data = start_run(config, resume)
         pairs = gdso_pairs(data.train, data.index, config.min_gap)
         if not pairs:
             raise ValueError(f"{config.data}: the train split has no same-prompt, same-dimension pairs whose scores "
@@ -105,12 +100,7 @@ def train_student(config: StudentConfig, resume: bool = False, log=print, progre
     """Distil the teacher of ``config.teacher_model`` into a student with RISD; returns the model folder. ``log``
     and ``progress`` as for :func:`train_teacher`."""
     with setup_errors():
-        check_config(config)
-        ctx = init_distributed(resolve_device(config))
-        seed_random_streams(config.seed, ctx)
-        out = prepare_output(config, resume, ctx)
-        processor, vocab = checked_vocab(config.base_model, config.score_texts, config.score_values)
-        data = load_run_data(config.data, config.image_size, (vocab.score_min, vocab.score_max))
+        ctx, out, processor, vocab, data = start_run(config, resume)
         per_rank = len(shard_indices(len(data.items), ctx, config.seed, 0))
         if per_rank < config.batch_size:
             raise ValueError(f"{len(data.items)} train images give each of the {ctx.world_size} ranks {per_rank}, "
@@ -127,6 +117,19 @@ def train_student(config: StudentConfig, resume: bool = False, log=print, progre
 
     run_training(trainer, config, out, resume, ctx, data.val, student_scores, log, progress)
     return finish(config, out, "student", ctx, log)
+
+
+def start_run(config, resume: bool):
+    """What both roles do first: check the config, join the process group, seed, prepare ``output_dir``, check the
+    score vocabulary against the base model's tokenizer and read the data. Returns ``(ctx, out, processor, vocab,
+    data)``; raises ``ValueError`` on the first problem."""
+    check_config(config)
+    ctx = init_distributed(resolve_device(config))
+    seed_random_streams(config.seed, ctx)
+    out = prepare_output(config, resume, ctx)
+    processor, vocab = checked_vocab(config.base_model, config.score_texts, config.score_values)
+    data = load_run_data(config.data, config.image_size, (vocab.score_min, vocab.score_max))
+    return ctx, out, processor, vocab, data
 
 
 def seed_random_streams(seed: int, ctx: DistContext) -> None:
