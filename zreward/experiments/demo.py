@@ -165,6 +165,7 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
+    torch.manual_seed(config.seed)  # the untrained teacher's sampled reasoning (the runs seed themselves)
     train, held_out = config.data(), config.data(held_out=True)
     data = write_demo_data(config, out / "data")
     log(f"data: {len(train)} train images ({len(train.pairs())} same-prompt pairs over {len(DIMENSIONS)} "
