@@ -249,7 +249,7 @@ def demo_student_config(config: DemoConfig, base: Path, teacher: Path, data: Pat
     return StudentConfig(**{**asdict(config.risd), "seed": config.seed,
                             "steps": config.steps * config.risd_steps_per_gdso_step},
                          **_run_keys(config, base, data, output_dir), teacher_model=str(teacher), dtype="float32",
-                         engine_max_model_len=2048, engine_enforce_eager=True)
+                         teacher_dtype=_teacher_dtype(config), engine_max_model_len=2048, engine_enforce_eager=True)
 
 
 def _run_keys(config: DemoConfig, base: Path, data: Path, output_dir: Path) -> dict:

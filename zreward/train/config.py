@@ -87,6 +87,8 @@ class StudentConfig(RunConfig, RISDConfig):
     teacher_cache_dir: str | None = None  # where the teacher's distributions are cached (unset:
     #   <output_dir>/teacher_cache); reused while the teacher, the train images and the teacher_* keys are unchanged
     teacher_batch_size: int = 8  # images per teacher rollout batch while building the cache
+    teacher_dtype: str | None = None  # the teacher's weights while building the cache: "bfloat16" or "float32";
+    #   unset: dtype
     dimensions: list[str] = field(default_factory=lambda: list(DIMENSIONS))  # dimensions the student learns:
     #   every train image is scored by the teacher on each
     teacher_max_new_tokens: int = 1024  # teacher reasoning tokens per rollout at most
@@ -190,7 +192,7 @@ def _value_problems(config) -> list[str]:
         need(getattr(config, name) >= 0, f"{name} must be >= 0, got {getattr(config, name)}")
     need(config.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {config.eval_batch_size}")
     if isinstance(config, TeacherConfig):
-        from zr_kernels.kernels.group_advantages import SCALES
+        from zr_kernels.group_advantages import SCALES
         from zreward.training.gdso import AGGREGATIONS, POLICY_BACKENDS, REWARD_SOURCES
 
         for name, choices in (("aggregation", AGGREGATIONS), ("reward_source", REWARD_SOURCES),
@@ -208,6 +210,8 @@ def _value_problems(config) -> list[str]:
              f"dimensions must be distinct names from {DIMENSIONS}, got {config.dimensions}")
         for name in ("steps", "batch_size", "teacher_samples", "teacher_max_new_tokens", "teacher_batch_size"):
             need(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
+        need(config.teacher_dtype in (None, *DTYPES),
+             f"teacher_dtype must be one of {DTYPES} (or unset), got {config.teacher_dtype!r}")
     return problems
 
 

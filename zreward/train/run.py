@@ -223,8 +223,8 @@ def teacher_cache(config: StudentConfig, items: ImageItems, vocab, ctx: DistCont
     if not _key_matches(part, part_key):
         from zreward.deploy.model_folder import load_model_folder
 
-        teacher = load_model_folder(config.teacher_model, ctx.device, config.dtype, config.attn_implementation,
-                                    require_metadata=False)
+        teacher = load_model_folder(config.teacher_model, ctx.device, config.teacher_dtype or config.dtype,
+                                    config.attn_implementation, require_metadata=False)
         if teacher.vocab.texts != vocab.texts or not torch.equal(teacher.vocab.values, vocab.values):
             raise SetupError(f"teacher {config.teacher_model} scores with {teacher.vocab.texts} = "
                              f"{teacher.vocab.values.tolist()}, the student with {vocab.texts} = "
@@ -284,7 +284,8 @@ def cache_key(config: StudentConfig, items: ImageItems) -> dict:
     return {"teacher_model": str(teacher), "teacher_files": files, "items": digest.hexdigest(),
             "num_items": len(items), "image_size": config.image_size, "dimensions": list(config.dimensions),
             "teacher_samples": config.teacher_samples, "teacher_max_new_tokens": config.teacher_max_new_tokens,
-            "teacher_temperature": config.teacher_temperature, "dtype": config.dtype, "seed": config.seed,
+            "teacher_temperature": config.teacher_temperature, "dtype": config.teacher_dtype or config.dtype,
+            "seed": config.seed,
             "score_texts": list(config.score_texts), "score_values": list(config.score_values)}
 
 
