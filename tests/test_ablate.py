@@ -21,15 +21,18 @@ ARMS = {"teacher_zero_shot", "sft", "rewarddance", "grpo", "gdso", "gdso_parsed"
 
 def test_cli_registers_ablate():
     args = build_parser().parse_args(["ablate", "--output-dir", "x", "--seeds", "2", "--teacher-steps", "5",
-                                      "--student-steps", "6", "--eval-every", "3", "--device", "cpu", "--threads", "2"])
+                                      "--student-steps", "6", "--eval-every", "3", "--device", "cpu", "--threads", "2",
+                                      "--arms", "gdso", "student_sft", "--annotators", "3", "--annotator-noise", "0.4"])
     assert (args.output_dir, args.seeds, args.teacher_steps, args.student_steps, args.eval_every, args.device,
             args.threads) == ("x", 2, 5, 6, 3, "cpu", 2)
+    assert (args.arms, args.annotators, args.annotator_noise) == (["gdso", "student_sft"], 3, 0.4)
     assert callable(args.run)
 
 
 @pytest.mark.parametrize("argv, named", [
     (["--seeds", "0"], "--seeds"), (["--teacher-steps", "two"], "--teacher-steps"),
     (["--eval-every", "-1"], "--eval-every"), (["--device", "tpu"], "--device"), (["--threads", "0"], "--threads"),
+    (["--arms", "teacher_zero_shot"], "--arms"), (["--annotator-noise", "2"], "--annotator-noise"),
 ])
 def test_bad_arguments_name_the_argument(argv, named, capsys):
     with pytest.raises(SystemExit):
@@ -45,8 +48,8 @@ def test_cuda_without_a_device_is_refused(tmp_path, capsys):
     assert "argument --device" in capsys.readouterr().err
 
 
-def _tiny_config(output_dir, workers: int) -> AblationConfig:
-    return AblationConfig(
+def _tiny_config(output_dir, workers: int, **overrides) -> AblationConfig:
+    return AblationConfig(**overrides,
         seeds=2, teacher_steps=2, student_steps=2, eval_every=1, train_prompts=2, eval_prompts=2, image_size=32,
         workers=workers, output_dir=str(output_dir),
         gdso=GDSOConfig(group_size=2, pairs_per_batch=1, max_new_tokens=2, steps_per_iteration=1, beta=0.0),
@@ -104,3 +107,16 @@ def test_worker_processes_give_the_same_numbers(tiny_run, tmp_path):
     parallel = run_ablation(_tiny_config(tmp_path, workers=2), progress=False)
     assert parallel["workers"] == 2
     assert parallel["arms"] == serial["arms"]
+
+
+def test_a_subset_of_arms_with_noisy_annotators(tmp_path):
+    """``arms`` trains only those (risd and opd come with gdso); the zero-shot rows are always there; the labels
+    of a noisy-annotator run are the trimmed means, which the table's settings line names."""
+    result = run_ablation(_tiny_config(tmp_path, workers=1, arms=("student_sft",), annotators=3,
+                                       annotator_noise=0.5), progress=False)
+    assert set(result["arms"]) == set(result["summary"]) == {"teacher_zero_shot", "student_zero_shot", "student_sft"}
+    assert result["summary"]["teacher_zero_shot"]["tokens_per_score"]["mean"] is None
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| student_sft |" in table and "| gdso |" not in table and "3 annotator(s)" in table
+    with pytest.raises(ValueError, match="arms must be"):
+        run_ablation(_tiny_config(tmp_path, workers=1, arms=("student_zero_shot",)), progress=False)

@@ -228,3 +228,34 @@ output_dir = "{tmp_path / 'out'}"
     assert [(r["split"], r["step"]) for r in records] == [("val", 0), ("train", 1), ("val", 1), ("train", 2),
                                                          ("val", 2)]
     assert (out / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_tiny_generator_with_a_trained_student_from_its_model_folder(tmp_path):
+    """``tiny = true`` with ``scorer_path``: the tiny generator and the student model folder (as ``zreward demo``
+    writes it), frozen, scoring with the folder's weights."""
+    from zreward.deploy.model_folder import save_model_folder
+    from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer
+
+    student = tiny_scorer(3, STUDENT_CONFIG)
+    save_model_folder(student, tmp_path / "student")
+    config = tiny_config(scorer_path=str(tmp_path / "student"), height=64, width=64)
+    scorer = frozen_scorer(config)
+    assert not any(p.requires_grad for p in scorer.model.parameters())
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want = student.student_scores(images, PROMPTS[:2]).mean
+    torch.testing.assert_close(student_reward_fn(scorer, DIMENSIONS)(images, PROMPTS[:2]), want)
+    random_student = frozen_scorer(tiny_config())
+    assert random_student.model.config.text_config.hidden_size != scorer.model.config.text_config.hidden_size \
+        or not torch.equal(next(random_student.model.parameters()), next(scorer.model.parameters()))
+    with pytest.raises(ValueError, match="does not exist"):
+        frozen_scorer(tiny_config(scorer_path=str(tmp_path / "missing")))
+
+
+def test_the_documented_example_config_is_valid():
+    from pathlib import Path
+
+    config = ReFLConfig.from_file(Path(__file__).resolve().parents[1] / "examples" / "refl_demo.toml")
+    assert config.tiny and config.scorer_path == "demo_out/student"
+    assert set(config.validation_prompts()).isdisjoint(config.train_prompts())
+    assert (config.height, config.width) == (64, 64)  # the size the demo's student was trained on

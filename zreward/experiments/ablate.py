@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from zreward.engines import ENGINES
 from zreward.experiments.arms import (DESCRIPTIONS, REASONING_STUDENT_ARMS, STUDENT_ARMS, TEACHER_ARMS,
-                                      TEACHER_FOR_RISD, rewarddance_task, student_sft_task, teacher_task,
-                                      zero_shot_task)
+                                      TEACHER_FOR_RISD, WRITTEN_REASONING_ARM, rewarddance_task, student_sft_task,
+                                      teacher_task, zero_shot_task)
 from zreward.experiments.demo import DemoConfig
 from zreward.experiments.report import summarise, write_plot, write_table
 from zreward.training.gdso import GDSOConfig
@@ -49,6 +49,9 @@ class AblationConfig:
     and trainer settings (``zreward.experiments.demo``) shared by all arms."""
 
     seeds: int = 3
+    # The arms to train (names of TRAINED_ARMS); the zero-shot rows always come along, and risd and opd come
+    # with the gdso teacher they distil. None: all of them.
+    arms: tuple[str, ...] | None = None
     # 80 GDSO steps: GDSO's held-out HPA usually rises between steps 50 and 100, but 100 steps for every arm took
     # 17 minutes with three seeds on our loaded 2-core machine.
     teacher_steps: int = 80          # batches of every teacher arm (gdso.updates_per_batch optimizer updates each)
@@ -80,6 +83,9 @@ class AblationConfig:
                                                              max_new_tokens=_DEMO.gdso.max_new_tokens))
 
 
+TRAINED_ARMS = tuple(name for name in DESCRIPTIONS if not name.endswith("zero_shot"))
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("ablate", help="SFT / RewardDance / GRPO / GDSO teachers and SFT / OPD / RISD "
                                                   "students, over seeds",
@@ -103,7 +109,24 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--engine", choices=ENGINES, default=defaults.engine,
                         help="what samples the GDSO arms' rollouts and the RISD teacher cache (default %(default)s; "
                              "vllm: every teacher is the bf16 hybrid variant vLLM's CPU backend runs)")
+    parser.add_argument("--arms", nargs="+", choices=TRAINED_ARMS, default=None,
+                        help="train only these arms (default: all; risd and opd need gdso, which they bring along)")
+    parser.add_argument("--annotators", type=_positive_int, default=defaults.annotators,
+                        help="annotators per (image, dimension); the ground truth is their trimmed mean "
+                             "(default %(default)s)")
+    parser.add_argument("--annotator-noise", type=_probability, default=defaults.annotator_noise,
+                        help="probability that an annotator scores half a point off (default %(default)s)")
     parser.set_defaults(run=_run_from_args, parser=parser)
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -121,7 +144,9 @@ def _run_from_args(args) -> int:
         args.parser.error("argument --device: cuda was asked for but torch sees no CUDA device")
     config = AblationConfig(seeds=args.seeds, teacher_steps=args.teacher_steps, student_steps=args.student_steps,
                             eval_every=args.eval_every, device=args.device, threads=args.threads,
-                            workers=args.workers, output_dir=args.output_dir, engine=args.engine)
+                            workers=args.workers, output_dir=args.output_dir, engine=args.engine,
+                            arms=tuple(args.arms) if args.arms else None, annotators=args.annotators,
+                            annotator_noise=args.annotator_noise)
     result = run_ablation(config)
     print((Path(config.output_dir) / "ablation.md").read_text())
     print(f"wrote {config.output_dir}/ablation.json, ablation.md and ablation.png in {result['runtime_s']} s")
@@ -133,14 +158,19 @@ def run_ablation(config: AblationConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    selected = _selected_arms(config.arms)
     # Longest tasks first (the RISD teacher's task also trains the RISD and OPD students), so the workers finish
     # together.
-    order = sorted(TEACHER_ARMS, key=lambda name: name != TEACHER_FOR_RISD)
+    order = sorted((name for name in TEACHER_ARMS if name in selected), key=lambda name: name != TEACHER_FOR_RISD)
     tasks = [(teacher_task, seed, name) for name in order for seed in range(config.seeds)]
-    tasks += [(rewarddance_task, seed) for seed in range(config.seeds)]
-    tasks += [(student_sft_task, seed) for seed in range(config.seeds)]
+    if WRITTEN_REASONING_ARM in selected:
+        tasks += [(rewarddance_task, seed) for seed in range(config.seeds)]
+    if "student_sft" in selected:
+        tasks += [(student_sft_task, seed) for seed in range(config.seeds)]
     workers = config.workers or (1 if config.device == "cuda" else min(os.cpu_count() or 1, len(tasks)))
-    total = config.seeds * ((len(TEACHER_ARMS) + 1) * config.teacher_steps + len(STUDENT_ARMS) * config.student_steps)
+    teachers = len([name for name in selected if DESCRIPTIONS[name][0] == "teacher"])
+    students = len([name for name in selected if name in STUDENT_ARMS])
+    total = config.seeds * (teachers * config.teacher_steps + students * config.student_steps)
     threads = torch.get_num_threads()
     with tqdm(total=total, desc="ablate", unit="step", disable=not progress) as bar:
         if workers == 1:
@@ -154,7 +184,8 @@ def run_ablation(config: AblationConfig, progress: bool = True) -> dict:
         else:
             parts = _run_in_workers(config, workers, tasks, bar)
     result = {"config": asdict(config), "device": str(config.device), "workers": workers,
-              "descriptions": DESCRIPTIONS, "arms": _assemble(config.seeds, parts)}
+              "descriptions": {name: DESCRIPTIONS[name] for name in DESCRIPTIONS if name in selected},
+              "arms": _assemble(config.seeds, parts, selected)}
     result["summary"] = summarise(result["arms"])
     result["runtime_s"] = round(time.perf_counter() - started, 1)
     (out / "ablation.json").write_text(json.dumps(result, indent=1))
@@ -198,19 +229,37 @@ class _BarTicks:
         self.bar.update(steps)
 
 
-def _assemble(seeds: int, parts: list[dict]) -> dict[str, list[dict]]:
+def _selected_arms(arms) -> set[str]:
+    """The rows a run produces for ``AblationConfig.arms``: those arms, the zero-shot rows, and with gdso the
+    students distilled from it."""
+    if arms is None:
+        return set(DESCRIPTIONS)
+    unknown = sorted(set(arms) - set(TRAINED_ARMS))
+    if unknown or not arms:
+        raise ValueError(f"arms must be a non-empty subset of {TRAINED_ARMS}, got {tuple(arms)}")
+    selected = set(arms) | {"teacher_zero_shot", "student_zero_shot"}
+    if selected & {"risd", "opd"}:
+        selected.add(TEACHER_FOR_RISD)
+    if TEACHER_FOR_RISD in selected:
+        selected |= {"risd", "opd"}
+    return selected
+
+
+def _assemble(seeds: int, parts: list[dict], selected: set[str]) -> dict[str, list[dict]]:
     """``{arm: [entry of seed 0, 1, ...]}`` in table order; every trained arm's curve starts from its role's
     zero-shot point (a reasoning student's from its own), and the zero-shot teacher's output tokens are those of
     the first training batch."""
-    arms = {name: [None] * seeds for name in DESCRIPTIONS}
+    arms = {name: [None] * seeds for name in DESCRIPTIONS if name in selected}
     for part in parts:
         for name, entry in part.items():
             arms[name][entry["seed"]] = entry
     for name, (role, _) in DESCRIPTIONS.items():
-        if name.endswith("zero_shot") or name in REASONING_STUDENT_ARMS:
+        if name not in selected or name.endswith("zero_shot") or name in REASONING_STUDENT_ARMS:
             continue
         for seed, entry in enumerate(arms[name]):
             entry["curve"] = arms[f"{role}_zero_shot"][seed]["curve"] + entry["curve"]
+    sampler = next((name for name in (TEACHER_FOR_RISD, *TEACHER_ARMS) if name in selected), None)
     for seed, entry in enumerate(arms["teacher_zero_shot"]):
-        entry["tokens_per_score"] = arms[TEACHER_FOR_RISD][seed]["history"][0]["completion_tokens"] + 1
+        # sampled reasoning of the first training batch, which the initial teacher samples (None: no GDSO arm ran)
+        entry["tokens_per_score"] = arms[sampler][seed]["history"][0]["completion_tokens"] + 1 if sampler else None
     return arms

@@ -13,8 +13,9 @@ def summarise(arms: dict[str, list[dict]]) -> dict[str, dict]:
     summary = {}
     for name, runs in arms.items():
         columns = {key: [run["metrics"][key] for run in runs] for key, _ in METRICS}
-        columns["tokens_per_score"] = [run["tokens_per_score"] for run in runs]
+        tokens = [run["tokens_per_score"] for run in runs]
         summary[name] = {key: _mean_std(values) for key, values in columns.items()}
+        summary[name]["tokens_per_score"] = _mean_std(tokens) if None not in tokens else {"mean": None, "std": None}
         summary[name]["seeds"] = len(runs)
     return summary
 
@@ -35,6 +36,9 @@ def write_table(result: dict, path: Path) -> None:
         f"device {result['device']}, "
         f"{result['workers']} worker(s) x {config['threads']} thread(s); {result['runtime_s'] / 60:.1f} min."
     )
+    if config.get("annotators", 1) > 1 or config.get("annotator_noise", 0.0) > 0:
+        settings += (f" Labels: {config['annotators']} annotator(s) per (image, dimension), each half a point off "
+                     f"with probability {config['annotator_noise']}, ground truth their trimmed mean.")
     lines = [
         settings,
         "",
@@ -44,7 +48,8 @@ def write_table(result: dict, path: Path) -> None:
     for name, stats in result["summary"].items():
         role, description = result["descriptions"][name]
         cells = [_format(stats[key]) for key, _ in METRICS]
-        cells.append(f"{stats['tokens_per_score']['mean']:.1f}")
+        tokens = stats["tokens_per_score"]["mean"]
+        cells.append("–" if tokens is None else f"{tokens:.1f}")
         lines.append(f"| {role} | {name} | {description} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -82,7 +87,8 @@ def write_plot(result: dict, path: Path) -> None:
         axis.axhline(0.5, color="gray", linestyle=":", linewidth=1)
         axis.set(title=f"{role} arms: held-out HPA while training (band: seed range)", xlabel="trainer step",
                  ylabel="HPA" if role == "student" else "HPA (one reasoning sample per image)")
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # a run of some arms may have no trained arm of this role
+            axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,10 +17,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclass
 class ReFLConfig:
     # models: tiny random-weight components built from configs, or pretrained paths
-    tiny: bool = False
+    tiny: bool = False  # a tiny random-weight Z-Image generator (and, without scorer_path, a random student)
     pipeline: str = "z-image"
     model_path: str | None = None  # diffusers pipeline directory or hub id (read from the local cache)
-    scorer_path: str | None = None  # student reward model directory (Qwen3.5-VL + processor)
+    scorer_path: str | None = None  # student reward model folder (e.g. `zreward demo`'s <output-dir>/student)
     dtype: str = "bfloat16"
     device: str | None = None  # None: cuda when available
     # prompts: inline lists or text files with one prompt per line

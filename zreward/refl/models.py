@@ -36,19 +36,18 @@ def build_adapter(config: ReFLConfig) -> FlowMatchAdapter:
 
 
 def frozen_scorer(config: ReFLConfig):
-    """The frozen student ``RewardScorer`` (tiny random weights with ``tiny = true``)."""
-    from zreward.scoring.scorer import RewardScorer, ScoringProcessor
+    """The frozen student ``RewardScorer``: the model folder at ``scorer_path`` (its score vocabulary and rubric
+    checked when it has ``zreward_model.json``), or tiny random weights with ``tiny = true`` and no
+    ``scorer_path``."""
+    from zreward.deploy.model_folder import load_model_folder
+    from zreward.scoring.scorer import RewardScorer
     from zreward.scoring.vocab import ScoreVocab
 
     dtype, device = getattr(torch, config.dtype), resolve_device(config)
-    if config.tiny:
-        from zreward.experiments.tiny_models import tiny_qwen35
+    if config.scorer_path:
+        return load_model_folder(config.scorer_path, device=device, dtype=config.dtype, require_metadata=False)
+    from zreward.experiments.tiny_models import tiny_qwen35
 
-        model, processor = tiny_qwen35(seed=config.seed + 1)
-    else:
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(config.scorer_path, dtype=dtype)
-        processor = ScoringProcessor.from_pretrained(config.scorer_path)
+    model, processor = tiny_qwen35(seed=config.seed + 1)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return RewardScorer(model, processor, ScoreVocab.from_tokenizer(processor.tokenizer))
