@@ -85,10 +85,12 @@ def test_seeds_write_each_run_and_the_mean_and_sd(tmp_path):
 @pytest.mark.slow
 def test_both_models_learn_on_a_shortened_run(tmp_path):
     """At CI size (100 GDSO and 100 RISD steps on 160 training images, 40 test images) the held-out metrics of both
-    models rise above where they started on each of two seeds; the full default run goes much further
-    (docs/demo.md). Measured on a loaded 2-core CPU: HPA 0.48 -> 0.66 (teacher) and 0.48 -> 0.62 (student)."""
+    trained models rise above where they started on each of two seeds; the full default run goes much further
+    (docs/demo.md). The last weights are compared, not the best by val HPA: two val prompts are too few to choose
+    by (on one seed they ranked the untrained student first). Measured with 2 threads, seeds 0 / 1: HPA
+    0.54 -> 0.64 / 0.43 -> 0.72 (teacher) and 0.42 -> 0.54 / 0.53 -> 0.67 (student)."""
     result = run_demo_seeds(DemoConfig(steps=100, train_prompts=40, eval_prompts=10, val_prompts=2, eval_every=100,
-                                       output_dir=str(tmp_path)), 2, log=lambda line: None)
+                                       final_model="last", output_dir=str(tmp_path)), 2, log=lambda line: None)
     for run in result["runs"]:
         stages = run["stages"]
         for role in ("teacher", "student"):

@@ -55,6 +55,7 @@ class DemoConfig:
     eval_prompts: int = 20          # the test split: the held-out figures the demo reports
     val_prompts: int = 8            # the val split: evaluated while training, picks the best checkpoint
     eval_every: int = 150           # GDSO / RISD steps between evaluations on the val split
+    final_model: str = "best"       # the model each stage keeps: "best" (highest val HPA, maybe the untrained) or "last"
     candidates: int = 4
     image_size: int = 64            # 16 visual tokens per image with the tiny models' 8-pixel patches
     spread: int | None = None       # independent defects per dimension (see zreward.experiments.synthetic)
@@ -255,7 +256,7 @@ def demo_student_config(config: DemoConfig, base: Path, teacher: Path, data: Pat
 def _run_keys(config: DemoConfig, base: Path, data: Path, output_dir: Path) -> dict:
     return dict(base_model=str(base), data=str(data), output_dir=str(output_dir), device=config.device,
                 engine=config.engine, lora_rank=0, gradient_checkpointing=False, eval_every=config.eval_every,
-                save_every=config.eval_every)
+                save_every=config.eval_every, final_model=config.final_model)
 
 
 def _teacher_dtype(config: DemoConfig) -> str:
