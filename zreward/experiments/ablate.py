@@ -48,15 +48,15 @@ class AblationConfig:
     """What ``zreward ablate`` runs: seeds 0..seeds-1, the step budget every arm gets, and the demo's data, models
     and trainer settings (``zreward.experiments.demo``) shared by all arms."""
 
-    seeds: int = 3
+    seeds: int = 5
     # The arms to train (names of TRAINED_ARMS); the zero-shot rows always come along, and risd and opd come
     # with the gdso teacher they distil. None: all of them.
     arms: tuple[str, ...] | None = None
-    # 80 GDSO steps: GDSO's held-out HPA usually rises between steps 50 and 100, but 100 steps for every arm took
-    # 17 minutes with three seeds on our loaded 2-core machine.
-    teacher_steps: int = 80          # batches of every teacher arm (gdso.updates_per_batch optimizer updates each)
-    student_steps: int = 50          # steps (= optimizer updates) of every student arm
-    eval_every: int = 20             # held-out HPA for the training curves, every this many steps
+    # Half the demo's 600 GDSO steps: five teacher arms x five seeds at the demo's full budget would take about
+    # two hours on a 2-core CPU; at 300 steps the demo's GDSO teacher is past its steepest rise.
+    teacher_steps: int = 300         # batches of every teacher arm (gdso.updates_per_batch optimizer updates each)
+    student_steps: int = 300         # steps (= optimizer updates) of every student arm
+    eval_every: int = 100            # held-out HPA for the training curves, every this many steps
     device: str = "cpu"
     # One thread per process: the tiny models' ops are too small to split, and on a shared CPU OpenMP threads
     # spin against other processes (0.22 s per GDSO step with 1 thread, 0.7-2.9 s with 2, on a loaded 2-core
