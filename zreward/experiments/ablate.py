@@ -17,7 +17,6 @@ rollouts. Writes ``ablation.json`` (every per-seed number, the curves and the tr
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from zreward.cli import positive_int, probability
 from zreward.engines import ENGINES
 from zreward.experiments.arms import (DESCRIPTIONS, REASONING_STUDENT_ARMS, STUDENT_ARMS, TEACHER_ARMS,
                                       TEACHER_FOR_RISD, WRITTEN_REASONING_ARM, rewarddance_task, student_sft_task,
@@ -93,50 +93,32 @@ def add_parser(subparsers) -> None:
     defaults = AblationConfig()
     parser.add_argument("--output-dir", default=defaults.output_dir,
                         help="where ablation.json, .md and .png go (default %(default)s)")
-    parser.add_argument("--seeds", type=_positive_int, default=defaults.seeds, help="seeds 0..N-1 (default %(default)s)")
-    parser.add_argument("--teacher-steps", type=_positive_int, default=defaults.teacher_steps,
+    parser.add_argument("--seeds", type=positive_int, default=defaults.seeds, help="seeds 0..N-1 (default %(default)s)")
+    parser.add_argument("--teacher-steps", type=positive_int, default=defaults.teacher_steps,
                         help="batches per teacher arm, each of gdso.updates_per_batch optimizer updates "
                              "(default %(default)s)")
-    parser.add_argument("--student-steps", type=_positive_int, default=defaults.student_steps,
+    parser.add_argument("--student-steps", type=positive_int, default=defaults.student_steps,
                         help="steps (optimizer updates) per student arm (default %(default)s)")
-    parser.add_argument("--eval-every", type=_positive_int, default=defaults.eval_every,
+    parser.add_argument("--eval-every", type=positive_int, default=defaults.eval_every,
                         help="steps between the training-curve evaluations (default %(default)s)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device)
-    parser.add_argument("--threads", type=_positive_int, default=defaults.threads,
+    parser.add_argument("--threads", type=positive_int, default=defaults.threads,
                         help="torch CPU threads per process (default %(default)s, fastest for these tiny models)")
-    parser.add_argument("--workers", type=_positive_int, default=defaults.workers,
+    parser.add_argument("--workers", type=positive_int, default=defaults.workers,
                         help="arms trained in parallel processes (default: one per CPU core, one on CUDA)")
     parser.add_argument("--engine", choices=ENGINES, default=defaults.engine,
                         help="what samples the GDSO arms' rollouts and the RISD teacher cache (default %(default)s; "
                              "vllm: every teacher is the bf16 hybrid variant vLLM's CPU backend runs)")
     parser.add_argument("--arms", nargs="+", choices=TRAINED_ARMS, default=None,
                         help="train only these arms (default: all; risd and opd need gdso, which they bring along)")
-    parser.add_argument("--annotators", type=_positive_int, default=defaults.annotators,
+    parser.add_argument("--annotators", type=positive_int, default=defaults.annotators,
                         help="annotators per (image, dimension); the ground truth is their trimmed mean "
                              "(default %(default)s)")
-    parser.add_argument("--annotator-noise", type=_probability, default=defaults.annotator_noise,
+    parser.add_argument("--annotator-noise", type=probability, default=defaults.annotator_noise,
                         help="probability that an annotator scores half a point off (default %(default)s)")
     parser.set_defaults(run=_run_from_args, parser=parser)
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _run_from_args(args) -> int:

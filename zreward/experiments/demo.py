@@ -18,7 +18,6 @@ On a GPU (``--device cuda``) the same run uses the fused kernels (backend auto) 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from zreward.cli import positive_int
 from zreward.deploy.model_folder import load_model_folder
 from zreward.engines import ENGINES, make_engine
 from zreward.experiments.files import save_base_model, write_annotations
@@ -94,10 +94,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--output-dir", default=defaults.output_dir,
                         help="where the PNG, JSON, caches and model folders go")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="the (first) seed")
-    parser.add_argument("--seeds", type=_positive_int, default=1,
+    parser.add_argument("--seeds", type=positive_int, default=1,
                         help="run seeds SEED..SEED+N-1, each in <output-dir>/seed-<s>, and print the held-out metrics "
                              "as mean ± sd over them (default %(default)s)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
     parser.add_argument("--engine", choices=ENGINES, default=defaults.engine,
@@ -105,15 +105,6 @@ def add_parser(subparsers) -> None:
                              "vllm: the teacher is the bf16 hybrid variant vLLM's CPU backend runs")
     parser.set_defaults(run=_run_from_args)
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _run_from_args(args) -> int:
