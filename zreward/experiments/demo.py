@@ -75,6 +75,16 @@ class DemoConfig:
         beta=0.02, lr=1e-3, alpha_pt=1.0, alpha_pw=2.0))
     risd: RISDConfig = field(default_factory=lambda: RISDConfig(batch_size=8, lr=1e-3, teacher_max_new_tokens=4))
 
+    def __post_init__(self):
+        # The trainers' own step counts and seeds follow the demo's, so that summary.json states what ran: GDSO's
+        # steps rounded up to whole reference iterations, RISD's risd_steps_per_gdso_step x as many.
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        iteration = min(self.gdso.steps_per_iteration, self.steps)
+        self.gdso = replace(self.gdso, steps_per_iteration=iteration, iterations=-(-self.steps // iteration),
+                            seed=self.seed)
+        self.risd = replace(self.risd, steps=self.steps * self.risd_steps_per_gdso_step, seed=self.seed)
+
     def data(self, held_out: bool = False, val: bool = False) -> SyntheticPreferences:
         """The training data (from ``seed``), the held-out test data (from ``seed + 1``, other prompts) or the val
         data (from ``seed + 2``)."""
@@ -226,21 +236,15 @@ def write_base_models(config: DemoConfig, folder: Path) -> tuple[Path, Path]:
 
 
 def demo_teacher_config(config: DemoConfig, base: Path, data: Path, output_dir: Path) -> TeacherConfig:
-    """``config.gdso`` as a ``zreward train teacher`` config: full fine-tuning in fp32 (bf16 for the vLLM teacher),
-    ``config.steps`` GDSO steps rounded up to whole reference iterations."""
-    iteration = min(config.gdso.steps_per_iteration, config.steps)
-    return TeacherConfig(**{**asdict(config.gdso), "seed": config.seed, "steps_per_iteration": iteration,
-                            "iterations": -(-config.steps // iteration)},
-                         **_run_keys(config, base, data, output_dir), dtype=_teacher_dtype(config),
+    """``config.gdso`` as a ``zreward train teacher`` config: full fine-tuning in fp32 (bf16 for the vLLM teacher)."""
+    return TeacherConfig(**asdict(config.gdso), **_run_keys(config, base, data, output_dir), dtype=_teacher_dtype(config),
                          eval_samples=config.eval_teacher_samples, engine_max_model_len=2048,
                          engine_enforce_eager=True)
 
 
 def demo_student_config(config: DemoConfig, base: Path, teacher: Path, data: Path, output_dir: Path) -> StudentConfig:
     """``config.risd`` as a ``zreward train student`` config distilling ``teacher``."""
-    return StudentConfig(**{**asdict(config.risd), "seed": config.seed,
-                            "steps": config.steps * config.risd_steps_per_gdso_step},
-                         **_run_keys(config, base, data, output_dir), teacher_model=str(teacher), dtype="float32",
+    return StudentConfig(**asdict(config.risd), **_run_keys(config, base, data, output_dir), teacher_model=str(teacher), dtype="float32",
                          teacher_dtype=_teacher_dtype(config), engine_max_model_len=2048, engine_enforce_eager=True)
 
 
