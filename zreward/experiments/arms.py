@@ -11,7 +11,8 @@ from dataclasses import replace
 
 import torch
 
-from zreward.experiments.demo import DemoConfig, student_metrics, teacher_engine, teacher_metrics
+from zreward.experiments.demo import DemoConfig
+from zreward.experiments.held_out import student_metrics, teacher_engine, teacher_metrics
 from zreward.experiments.rationales import label_rationales, reasoning_probe
 from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer, tiny_teacher
 from zreward.training.gdso import GDSOTrainer
