@@ -259,3 +259,31 @@ def test_the_documented_example_config_is_valid():
     assert config.tiny and config.scorer_path == "demo_out/student"
     assert set(config.validation_prompts()).isdisjoint(config.train_prompts())
     assert (config.height, config.width) == (64, 64)  # the size the demo's student was trained on
+
+
+def test_refl_judge_scores_before_and_after_with_the_student_and_a_judge(tmp_path):
+    """benchmarks.refl_judge: the same noise before and after, the student's scores equal the run's reward on those
+    images, and the judge (a teacher model folder) scores every dimension."""
+    from benchmarks.refl_judge import judge_run
+    from zreward.deploy.model_folder import save_model_folder
+    from zreward.experiments.tiny_models import STUDENT_CONFIG, tiny_scorer, tiny_teacher
+
+    save_model_folder(tiny_scorer(3, STUDENT_CONFIG), tmp_path / "student")
+    save_model_folder(tiny_teacher(4), tmp_path / "teacher")
+    config = tiny_config(scorer_path=str(tmp_path / "student"), height=64, width=64, max_steps=1,
+                         output_dir=str(tmp_path / "run"))
+    trainer = ReFLTrainer(build_adapter(config), student_reward_fn(frozen_scorer(config), DIMENSIONS), config)
+    trainer.step()
+    trainer.save(tmp_path / "ckpt")
+    result, images = judge_run(config, str(tmp_path / "ckpt"), str(tmp_path / "teacher"), judge_samples=1,
+                               max_new_tokens=2)
+    prompts = config.validation_prompts()
+    assert images.shape == (3, 2 * 64, len(prompts) * 64)
+    for when in ("before", "after"):
+        for model in ("student", "judge"):
+            assert set(result[when][model]) == set(DIMENSIONS)
+            assert all(1.0 <= v <= 5.0 for v in result[when][model].values())
+    before = images[:, :64].unflatten(2, (len(prompts), 64)).permute(2, 0, 1, 3)
+    reward = student_reward_fn(frozen_scorer(config), DIMENSIONS)(before, prompts).mean(0)
+    assert reward.tolist() == pytest.approx(list(result["before"]["student"].values()), abs=1e-5)
+    assert result["before"]["student"] != result["after"]["student"]  # the checkpoint was loaded
