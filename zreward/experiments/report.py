@@ -31,7 +31,7 @@ def write_table(result: dict, path: Path) -> None:
     pairs = [run["metrics"]["pairs"] for run in next(iter(result["arms"].values()))]
     settings = (
         f"Seeds 0..{config['seeds'] - 1}; {config['teacher_steps']} steps per teacher arm "
-        f"({config['gdso']['updates_per_batch']} optimizer updates each), {config['student_steps']} steps (one "
+        f"({_updates(config['gdso']['updates_per_batch'])} each), {config['student_steps']} steps (one "
         f"optimizer update each) per student arm; {min(pairs)}-{max(pairs)} held-out pairs per seed; "
         f"device {result['device']}, "
         f"{result['workers']} worker(s) x {config['threads']} thread(s); {result['runtime_s'] / 60:.1f} min."
@@ -92,3 +92,7 @@ def write_plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _updates(count: int) -> str:
+    return "one optimizer update" if count == 1 else f"{count} optimizer updates"
