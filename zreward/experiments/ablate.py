@@ -119,8 +119,6 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=_run_from_args, parser=parser)
 
 
-
-
 def _run_from_args(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         args.parser.error("argument --device: cuda was asked for but torch sees no CUDA device")

@@ -42,7 +42,6 @@ from zreward.training.gdso import GDSOConfig
 from zreward.training.risd import RISDConfig
 
 
-
 @dataclass
 class DemoConfig:
     # 800 GDSO steps: at 600 the held-out teacher HPA of one seed in ten runs (5 seeds x 1 and 2 threads) ended at
@@ -115,7 +114,6 @@ def add_parser(subparsers) -> None:
                         help="what samples the teacher's rollouts (GDSO, its evaluation, the RISD teacher cache); "
                              "vllm: the teacher is the bf16 hybrid variant vLLM's CPU backend runs")
     parser.set_defaults(run=_run_from_args)
-
 
 
 def _run_from_args(args) -> int:
