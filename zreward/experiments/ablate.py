@@ -52,8 +52,8 @@ class AblationConfig:
     # The arms to train (names of TRAINED_ARMS); the zero-shot rows always come along, and risd and opd come
     # with the gdso teacher they distil. None: all of them.
     arms: tuple[str, ...] | None = None
-    # 200 of the demo's 800 GDSO steps: five teacher arms x five seeds at the demo's full budget would take about
-    # three hours on a 2-core CPU; by step 200 the demo's GDSO teacher is past its steepest rise (val HPA about 0.8).
+    # 200 of the demo's 800 GDSO steps: every arm over five seeds took 37 minutes on a 2-core CPU, so the demo's
+    # full budget would take about four times that; by step 200 GDSO is past its steepest rise (val HPA about 0.8).
     teacher_steps: int = 200         # batches of every teacher arm (gdso.updates_per_batch optimizer updates each)
     student_steps: int = 200         # steps (= optimizer updates) of every student arm
     eval_every: int = 100            # held-out HPA for the training curves, every this many steps

@@ -55,7 +55,7 @@ class DemoConfig:
     eval_prompts: int = 20          # the test split: the held-out figures the demo reports
     val_prompts: int = 8            # the val split: evaluated while training, picks the best checkpoint
     eval_every: int = 200           # GDSO / RISD steps between evaluations on the val split
-    final_model: str = "best"       # the model each stage keeps: "best" (highest val HPA, maybe the untrained) or "last"
+    final_model: str = "best"       # each stage keeps "best" (highest val HPA, maybe the untrained model) or "last"
     candidates: int = 4
     image_size: int = 64            # 16 visual tokens per image with the tiny models' 8-pixel patches
     spread: int | None = None       # independent defects per dimension (see zreward.experiments.synthetic)
@@ -236,15 +236,16 @@ def write_base_models(config: DemoConfig, folder: Path) -> tuple[Path, Path]:
 
 def demo_teacher_config(config: DemoConfig, base: Path, data: Path, output_dir: Path) -> TeacherConfig:
     """``config.gdso`` as a ``zreward train teacher`` config: full fine-tuning in fp32 (bf16 for the vLLM teacher)."""
-    return TeacherConfig(**asdict(config.gdso), **_run_keys(config, base, data, output_dir), dtype=_teacher_dtype(config),
-                         eval_samples=config.eval_teacher_samples, engine_max_model_len=2048,
-                         engine_enforce_eager=True)
+    return TeacherConfig(**asdict(config.gdso), **_run_keys(config, base, data, output_dir),
+                         dtype=_teacher_dtype(config), eval_samples=config.eval_teacher_samples,
+                         engine_max_model_len=2048, engine_enforce_eager=True)
 
 
 def demo_student_config(config: DemoConfig, base: Path, teacher: Path, data: Path, output_dir: Path) -> StudentConfig:
     """``config.risd`` as a ``zreward train student`` config distilling ``teacher``."""
-    return StudentConfig(**asdict(config.risd), **_run_keys(config, base, data, output_dir), teacher_model=str(teacher), dtype="float32",
-                         teacher_dtype=_teacher_dtype(config), engine_max_model_len=2048, engine_enforce_eager=True)
+    return StudentConfig(**asdict(config.risd), **_run_keys(config, base, data, output_dir),
+                         teacher_model=str(teacher), dtype="float32", teacher_dtype=_teacher_dtype(config),
+                         engine_max_model_len=2048, engine_enforce_eager=True)
 
 
 def _run_keys(config: DemoConfig, base: Path, data: Path, output_dir: Path) -> dict:
@@ -318,7 +319,3 @@ def _plot(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
